@@ -1,0 +1,1 @@
+"""Sub-commands of the ``cpsam`` CLI; each module has ``register(subparsers)``."""

@@ -1,0 +1,145 @@
+"""Reading images, finding inputs, and writing outputs atomically."""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".npy")
+#: file-name endings of outputs and labels, never taken as input images
+OUTPUT_SUFFIXES = ("_masks", "_flows", "_cellprob", "_outlines", "_seg", "_classes", "_cp_masks", "_dP")
+
+
+class ImageReadError(OSError):
+    """An input file that cannot be read as an image; the message names the file and why."""
+
+
+def imread(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file into an array (TIFF via tifffile, PNG/JPEG/BMP via imageio, .npy).
+
+    Raises :class:`ImageReadError` naming the file for missing, unreadable, truncated or
+    non-image files.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"{path}: no such file")
+    if not path.is_file():
+        raise ImageReadError(f"{path}: not a file")
+    if not os.access(path, os.R_OK):
+        raise ImageReadError(f"{path}: permission denied (not readable)")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path}: empty file (0 bytes)")
+    ext = path.suffix.lower()
+    try:
+        if ext in (".tif", ".tiff"):
+            arr = tifffile.imread(path)
+        elif ext == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        else:
+            import imageio.v3 as iio
+
+            arr = iio.imread(path)
+    except ModuleNotFoundError as e:
+        raise ImageReadError(f"{path}: reading {ext} files needs the '{e.name}' package") from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
+        raise ImageReadError(
+            f"{path}: not a readable {ext or 'image'} file, or truncated/corrupt "
+            f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    arr = np.asarray(arr)
+    if arr.size == 0:
+        raise ImageReadError(f"{path}: the image is empty (shape {arr.shape})")
+    return arr
+
+
+def is_output_name(path: str | os.PathLike, extra_suffixes: Sequence[str] = ()) -> bool:
+    stem = Path(path).stem
+    return any(stem.endswith(s) for s in (*OUTPUT_SUFFIXES, *extra_suffixes))
+
+
+def find_images(
+    inputs: str | os.PathLike | Iterable[str | os.PathLike],
+    recursive: bool = False,
+    exclude_suffixes: Sequence[str] = (),
+) -> list[Path]:
+    """Expand files, folders and glob patterns into a sorted, de-duplicated list of images.
+
+    Folders contribute files with an image extension, skipping our outputs and label files
+    (``*_masks.tif`` and the like). A pattern or path matching nothing raises
+    ``FileNotFoundError`` naming it.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    found: list[Path] = []
+    for item in inputs:
+        item = str(item)
+        p = Path(item)
+        if p.is_dir():
+            it = p.rglob("*") if recursive else p.iterdir()
+            found += sorted(
+                f
+                for f in it
+                if f.is_file()
+                and f.suffix.lower() in IMAGE_EXTENSIONS
+                and not f.name.startswith(".")
+                and not is_output_name(f, exclude_suffixes)
+            )
+        elif p.exists():
+            found.append(p)
+        elif any(c in item for c in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
+            if not matches:
+                raise FileNotFoundError(f"pattern {item!r} matches no files")
+            found += matches
+        else:
+            raise FileNotFoundError(f"input {item!r} does not exist")
+    seen: set[Path] = set()
+    out = []
+    for f in found:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(f)
+    return out
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path next to ``path``; rename it into place only on success.
+
+    On any error the temporary file is removed and an existing ``path`` is left intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".part{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
+    """Call ``writer(tmp_path)`` and move the result to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        writer(tmp)
+    return Path(path)
+
+
+def imwrite_tiff(path: str | os.PathLike, array: np.ndarray, compression: str = "zlib") -> Path:
+    """Write ``array`` as a (zlib-compressed) TIFF, atomically."""
+    return write_atomic(path, lambda tmp: tifffile.imwrite(tmp, array, compression=compression))
+
+
+def masks_dtype(n_labels: int) -> np.dtype:
+    """uint16 for up to 65,535 labels, else uint32."""
+    return np.dtype(np.uint16 if n_labels < 2**16 else np.uint32)

@@ -1,0 +1,44 @@
+"""Shared fixtures: the real annotated data in ../shared/data and opt-in slow tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("CPSAM_DATA", ROOT.parent / "shared" / "data"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="run full-size (ViT-L) and long tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: opt in with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.is_dir():
+        pytest.fail(f"annotated data not found at {DATA}; set CPSAM_DATA to the shared/data folder")
+    return DATA
+
+
+def load_pair(data_dir: Path, dataset: str, stem: str) -> tuple[np.ndarray, np.ndarray]:
+    """(image, masks) of ``<dataset>/train/<stem>_img.tif``."""
+    d = data_dir / dataset / "train"
+    return tifffile.imread(d / f"{stem}_img.tif"), tifffile.imread(d / f"{stem}_masks.tif")
+
+
+def stems(data_dir: Path, dataset: str) -> list[str]:
+    d = data_dir / dataset / "train"
+    return sorted(p.name[: -len("_img.tif")] for p in d.glob("*_img.tif"))
