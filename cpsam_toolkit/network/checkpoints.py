@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,16 +45,31 @@ def read_file(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):  # the safe unpickler met a reference to a Python callable/class
+            raise CheckpointError(
+                f"refusing to load {path}: it contains Python objects or code, not only weights "
+                f"(torch.load weights_only=True rejected it: {_unsafe_detail(e)}); nothing in it "
+                "was executed. Only load model files from sources you trust, saved as plain "
+                "state dicts."
+            ) from None
         raise CheckpointError(
-            f"refusing to load {path}: it contains Python objects or code, not only weights "
-            f"(torch.load weights_only=True rejected it: {str(e).splitlines()[0]}). "
-            "Only load model files from sources you trust, saved as plain state dicts."
+            f"model file {path} is corrupted or not a PyTorch weights file (the safe loader "
+            f"could not read it: {_unsafe_detail(e)}); download or copy it again"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # the unpickler raises KeyError, IndexError, ... on arbitrary bytes
         raise CheckpointError(
             f"model file {path} is truncated or not a PyTorch weights file ({e.__class__.__name__}: "
             f"{str(e).splitlines()[0] if str(e) else 'no detail'}); download or copy it again"
         ) from None
+
+
+def _unsafe_detail(e: Exception) -> str:
+    """The informative line of torch's weights_only error (its first line is boilerplate)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if "GLOBAL" in ln or ln.startswith("Unsupported"):
+            return ln
+    return lines[0] if lines else e.__class__.__name__
 
 
 def strip_prefix(state: Mapping[str, Any], prefix: str = "module.") -> dict[str, Any]:
@@ -79,23 +93,32 @@ def infer_config(state: Mapping[str, torch.Tensor], source: str = "state dict") 
         depth += 1
     if depth == 0:
         raise CheckpointError(f"{source} has no encoder blocks ('encoder.blocks.0.*' missing)")
-    width, patch, grid = pos.shape[-1], proj.shape[-1], pos.shape[1]
-    head_dim = state["encoder.blocks.0.attn.rel_pos_h"].shape[1]
-    rows = tuple(state[f"encoder.blocks.{i}.attn.rel_pos_h"].shape[0] for i in range(depth))
-    hidden = state["encoder.blocks.0.mlp.lin1.weight"].shape[0]
-    cfg_rows = () if all(r == 2 * grid - 1 for r in rows) else rows
-    return NetConfig(
-        width=width,
-        depth=depth,
-        heads=width // head_dim,
-        neck_width=neck.shape[0],
-        mlp_ratio=hidden / width,
-        patch=patch,
-        tile=grid * patch,
-        in_channels=proj.shape[1],
-        nout=out.shape[0] // patch**2,
-        rel_pos_rows=cfg_rows,
-    )
+    try:
+        width, patch, grid = pos.shape[-1], proj.shape[-1], pos.shape[1]
+        head_dim = state["encoder.blocks.0.attn.rel_pos_h"].shape[1]
+        rows = tuple(state[f"encoder.blocks.{i}.attn.rel_pos_h"].shape[0] for i in range(depth))
+        hidden = state["encoder.blocks.0.mlp.lin1.weight"].shape[0]
+        cfg_rows = () if all(r == 2 * grid - 1 for r in rows) else rows
+        return NetConfig(
+            width=width,
+            depth=depth,
+            heads=width // head_dim,
+            neck_width=neck.shape[0],
+            mlp_ratio=hidden / width,
+            patch=patch,
+            tile=grid * patch,
+            in_channels=proj.shape[1],
+            nout=out.shape[0] // patch**2,
+            rel_pos_rows=cfg_rows,
+        )
+    except KeyError as e:
+        raise CheckpointError(
+            f"{source} is not a complete Cellpose-SAM (CP4) network: key {e.args[0]!r} is missing"
+        ) from None
+    except (IndexError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(
+            f"{source} has tensor shapes that do not form a Cellpose-SAM network ({e})"
+        ) from None
 
 
 def load_state_strict(net: CPSAMNet, state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -141,6 +164,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[CPSAMNet, dict[str, Any]]:
     src = f"model file {path}"
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{src} holds a {type(obj).__name__}, not a state dict")
+    if not all(isinstance(k, str) for k in obj):
+        raise CheckpointError(f"{src} is a dict with non-text keys, not a state dict")
     if obj.get("format") == FORMAT:
         version = obj.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -153,8 +178,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[CPSAMNet, dict[str, Any]]:
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{src} has an invalid config: {e}") from None
         state = obj.get("state_dict")
-        if not isinstance(state, Mapping):
-            raise CheckpointError(f"{src} has no 'state_dict'")
+        if not isinstance(state, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        ):
+            raise CheckpointError(f"{src} has no 'state_dict' of named tensors")
         meta = dict(obj.get("meta") or {})
         meta["format"] = FORMAT
     else:
