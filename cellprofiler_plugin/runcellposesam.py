@@ -1,0 +1,924 @@
+"""
+RunCellposeSAM
+==============
+
+**RunCellposeSAM** finds cells or nuclei with Cellpose-SAM (the cpsam-toolkit
+re-implementation) and outputs them as objects, like **IdentifyPrimaryObjects**.
+
+The module works on grayscale or colour images. Up to two additional grayscale
+images (for example a nuclear stain and a membrane stain) can be added as extra
+channels; Cellpose-SAM uses at most three channels in total.
+
+It runs the shipped default model, the published ``cpsam`` / ``cpsam_v2``
+weights, or your own fine-tuned model file. The model is loaded once per
+CellProfiler process and reused for every image set.
+
+|
+
+============ ============ ===============
+Supports 2D? Supports 3D? Respects masks?
+============ ============ ===============
+YES          YES          YES
+============ ============ ===============
+
+What do I need as input?
+^^^^^^^^^^^^^^^^^^^^^^^^
+
+An image of cells or nuclei, loaded with **NamesAndTypes**. cpsam-toolkit
+must be installed in the Python environment that runs CellProfiler
+(``pip install cpsam-toolkit``), and this file must be in the plugins folder.
+
+What do I get as output?
+^^^^^^^^^^^^^^^^^^^^^^^^
+
+Objects, and optionally a probability image (0 to 1, the network's
+cell-probability map).
+
+Measurements made by this module
+^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+
+**Image measurements:**
+
+-  *Count:* the number of objects found.
+-  *CellposeSAM_Model_<objects>:* the model used.
+-  *CellposeSAM_ModelVersion_<objects>:* the cpsam-toolkit version and the
+   first digits of the SHA-256 of the weights, so results can be traced
+   to the exact model.
+
+**Object measurements:**
+
+-  *Location_Center_X, Location_Center_Y, Location_Center_Z:* object centres.
+-  *Number_Object_Number:* 1..N.
+-  *CellposeSAM_MeanCellProb:* (if confidence measurements are on) the
+   mean cell probability (0..1) inside the object: low values mark
+   uncertain objects.
+-  *CellposeSAM_FlowError:* (if confidence measurements are on) how much
+   the object's shape disagrees with the predicted flows; large values mark
+   badly-shaped objects. Objects above the *flow threshold* are already
+   removed.
+
+Technical notes
+^^^^^^^^^^^^^^^
+
+The loaded model is kept in a per-process cache keyed by (model file or
+name, device, precision). CellProfiler's analysis workers each hold one copy,
+so N workers on one GPU hold N copies of the model. Headless runs
+(``cellprofiler -c -r``) use a single process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+from cellprofiler_core.constants.measurement import (
+    COLTYPE_FLOAT,
+    COLTYPE_VARCHAR_FORMAT,
+    IMAGE,
+)
+from cellprofiler_core.image import Image
+from cellprofiler_core.module.image_segmentation import ImageSegmentation
+from cellprofiler_core.object import Objects
+from cellprofiler_core.preferences import (
+    ABSOLUTE_FOLDER_NAME,
+    DEFAULT_INPUT_FOLDER_NAME,
+    DEFAULT_INPUT_SUBFOLDER_NAME,
+    DEFAULT_OUTPUT_FOLDER_NAME,
+    DEFAULT_OUTPUT_SUBFOLDER_NAME,
+)
+from cellprofiler_core.setting import Binary, ValidationError
+from cellprofiler_core.setting.choice import Choice
+from cellprofiler_core.setting.subscriber import ImageSubscriber
+from cellprofiler_core.setting.text import Directory, Filename, Float, ImageName, Integer
+
+__all__ = ["RunCellposeSAM", "clear_model_cache", "CellposeSAMError"]
+
+LOGGER = logging.getLogger(__name__)
+
+MODEL_DEFAULT = "Default (shipped with cpsam-toolkit)"
+MODEL_CPSAM = "cpsam"
+MODEL_CPSAM_V2 = "cpsam_v2"
+MODEL_CUSTOM = "Custom model file"
+MODEL_CHOICES = [MODEL_DEFAULT, MODEL_CPSAM, MODEL_CPSAM_V2, MODEL_CUSTOM]
+
+DEVICE_AUTO = "Automatic"
+DEVICE_CPU = "CPU"
+DEVICE_GPU = "GPU"
+DEVICE_CHOICES = [DEVICE_AUTO, DEVICE_CPU, DEVICE_GPU]
+_DEVICE_ARG = {DEVICE_AUTO: "auto", DEVICE_CPU: "cpu", DEVICE_GPU: "gpu"}
+
+#: Measurement names. Image-level: ``CellposeSAM_Model_<objects>``,
+#: ``CellposeSAM_ModelVersion_<objects>``; object-level: ``CellposeSAM_MeanCellProb``,
+#: ``CellposeSAM_FlowError``.
+C_CELLPOSESAM = "CellposeSAM"
+FTR_MODEL = "Model"
+FTR_MODEL_VERSION = "ModelVersion"
+FTR_MEAN_CELLPROB = "MeanCellProb"
+FTR_FLOW_ERROR = "FlowError"
+M_MEAN_CELLPROB = f"{C_CELLPOSESAM}_{FTR_MEAN_CELLPROB}"
+M_FLOW_ERROR = f"{C_CELLPOSESAM}_{FTR_FLOW_ERROR}"
+COLTYPE_MODEL_STRING = COLTYPE_VARCHAR_FORMAT % 255
+
+FLOW_THRESHOLD_RANGE = (0.0, 3.0)
+CELLPROB_THRESHOLD_RANGE = (-6.0, 6.0)
+MAX_BATCH_SIZE = 1024
+
+
+class CellposeSAMError(RuntimeError):
+    """A failure of RunCellposeSAM, with the image (and file) it happened on named."""
+
+
+# --------------------------------------------------------------------------------------------
+# Model cache.
+#
+# Intentional, process-wide cache: loading Cellpose-SAM costs seconds (and GPU memory), so the
+# model is loaded once per Python process and reused for every image set, group and pipeline
+# run in that process, and by every RunCellposeSAM module that asks for the same weights. The
+# key is (weights name or resolved file path + its size and modification time, device, dtype),
+# so a re-saved model file is picked up, and asking for another device loads another copy.
+# CellProfiler's GUI analysis starts one worker process per core: each worker holds its own
+# copy. `clear_model_cache()` drops every model (and frees GPU memory).
+# --------------------------------------------------------------------------------------------
+_MODEL_CACHE: dict[tuple, object] = {}
+#: largest batch size known to fit on a device for a cached model (after CUDA out-of-memory)
+_SAFE_BATCH: dict[tuple, int] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def clear_model_cache() -> None:
+    """Forget every cached model and release cached GPU memory."""
+    with _CACHE_LOCK:
+        _MODEL_CACHE.clear()
+        _SAFE_BATCH.clear()
+    _empty_gpu_cache()
+
+
+def _empty_gpu_cache() -> None:
+    torch = sys.modules.get("torch")  # never import torch just for this
+    if torch is None:
+        return
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        mps = getattr(torch, "mps", None)
+        if mps is not None and getattr(torch.backends, "mps", None) and \
+                torch.backends.mps.is_available():
+            mps.empty_cache()
+    except Exception as e:  # releasing memory must never fail a run
+        LOGGER.debug("could not empty the GPU cache: %s", e)
+
+
+def _import_toolkit():
+    try:
+        import cpsam_toolkit
+    except ImportError as e:
+        raise CellposeSAMError(
+            "cpsam-toolkit is not installed in the Python environment that runs CellProfiler "
+            f"({sys.executable}). Install it there with: pip install cpsam-toolkit "
+            f"(import failed: {e})"
+        ) from e
+    if not hasattr(cpsam_toolkit, "load_model"):
+        raise CellposeSAMError(
+            "the installed cpsam-toolkit has no load_model(); it is incomplete or too old. "
+            "Reinstall it with: pip install --upgrade cpsam-toolkit"
+        )
+    return cpsam_toolkit
+
+
+def _model_key(spec: str | None, device: str, dtype) -> tuple:
+    if spec is not None and (os.path.sep in spec or os.path.isfile(spec)):
+        path = os.path.realpath(spec)
+        try:
+            st = os.stat(path)
+            spec_key = (path, st.st_size, st.st_mtime_ns)
+        except OSError:
+            spec_key = (path,)
+    else:
+        spec_key = (spec,)
+    return (spec_key, device, str(dtype))
+
+
+def get_model(spec: str | None, device: str = "auto", dtype=None):
+    """Return the cached model for (weights, device, dtype), loading it on first use.
+
+    ``spec`` is None for the shipped default, a registered model name, or a file path.
+    ``device`` is "auto", "cpu", "gpu" (or any device string cpsam_toolkit accepts).
+    """
+    key = _model_key(spec, device, dtype)
+    with _CACHE_LOCK:
+        model = _MODEL_CACHE.get(key)
+        if model is None:
+            cp = _import_toolkit()
+            t0 = time.perf_counter()
+            model = cp.load_model(spec, device=device, dtype=dtype)
+            LOGGER.info(
+                "RunCellposeSAM: loaded model %s on %s in %.1f s",
+                getattr(model, "name", spec), device, time.perf_counter() - t0,
+            )
+            _MODEL_CACHE[key] = model
+    return model, key
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+        if oom is not None and isinstance(e, oom):
+            return True
+    return isinstance(e, (RuntimeError, MemoryError)) and "out of memory" in str(e).lower()
+
+
+def segment_with_fallback(model, data, key, batch_size: int, **kwargs):
+    """``model.segment(data, batch_size=..., **kwargs)``, halving the batch on out-of-memory.
+
+    The batch size that worked is remembered for this model (``_SAFE_BATCH``) so later images
+    do not hit the same error again. At batch size 1 the error is raised.
+    """
+    bs = max(1, min(int(batch_size), _SAFE_BATCH.get(key, int(batch_size))))
+    while True:
+        try:
+            result = model.segment(data, batch_size=bs, **kwargs)
+        except Exception as e:
+            if not _is_out_of_memory(e) or bs == 1:
+                raise
+            _empty_gpu_cache()
+            new_bs = max(1, bs // 2)
+            LOGGER.warning(
+                "RunCellposeSAM: out of GPU memory with batch size %d; retrying with %d. "
+                "Lower the batch size setting (or use fewer CellProfiler workers per GPU) "
+                "to avoid this.", bs, new_bs,
+            )
+            bs = new_bs
+            _SAFE_BATCH[key] = bs
+            continue
+        return result
+
+
+def _is_3d_unsupported(e: BaseException) -> bool:
+    if isinstance(e, NotImplementedError):
+        return True
+    msg = str(e)
+    return isinstance(e, TypeError) and ("do_3d" in msg or "z_axis" in msg or "anisotropy" in msg)
+
+
+# --------------------------------------------------------------------------------------------
+# Label-matrix helpers (numpy only)
+# --------------------------------------------------------------------------------------------
+def relabel_sequential(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Relabel to 1..N keeping order; returns (new labels int32, old label of each new label)."""
+    labels = np.asarray(labels)
+    old = np.unique(labels)
+    old = old[old > 0]
+    lut = np.zeros(int(labels.max(initial=0)) + 1, dtype=np.int32)
+    lut[old] = np.arange(1, len(old) + 1, dtype=np.int32)
+    return lut[labels], old.astype(np.int64)
+
+
+def border_labels(labels: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Labels touching any face of the array (all 4 edges in 2D, all 6 faces in 3D) or
+    overlapping pixels outside ``mask``."""
+    found = []
+    for axis in range(labels.ndim):
+        found.append(np.take(labels, 0, axis=axis).ravel())
+        found.append(np.take(labels, -1, axis=axis).ravel())
+    if mask is not None:
+        found.append(labels[~np.asarray(mask, bool)])
+    u = np.unique(np.concatenate(found))
+    return u[u > 0]
+
+
+def remove_labels(labels: np.ndarray, remove: np.ndarray) -> np.ndarray:
+    out = labels.copy()
+    if len(remove):
+        out[np.isin(labels, remove)] = 0
+    return out
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
+
+
+def _per_object(objects: dict | None, field: str, old_labels: np.ndarray) -> np.ndarray | None:
+    """Values of ``objects[field]`` for each label in ``old_labels`` (NaN where unknown)."""
+    if not objects or field not in objects or "label" not in objects:
+        return None
+    lab = np.asarray(objects["label"]).astype(np.int64).ravel()
+    val = np.asarray(objects[field], dtype=np.float64).ravel()
+    out = np.full(len(old_labels), np.nan)
+    if len(lab) == 0 or len(old_labels) == 0:
+        return out
+    order = np.argsort(lab)
+    lab, val = lab[order], val[order]
+    idx = np.clip(np.searchsorted(lab, old_labels), 0, len(lab) - 1)
+    hit = lab[idx] == old_labels
+    out[hit] = val[idx[hit]]
+    return out
+
+
+class RunCellposeSAM(ImageSegmentation):
+    category = "Object Processing"
+    module_name = "RunCellposeSAM"
+    variable_revision_number = 2
+
+    # ------------------------------------------------------------------ settings
+    def create_settings(self):
+        super().create_settings()
+        self.x_name.text = "Select the input image"
+        self.x_name.doc = (
+            "Select the image to segment: grayscale or colour (at most 3 channels), 2D or a "
+            "3D volume (load it with NamesAndTypes' 'Process as 3D')."
+        )
+        self.y_name.text = "Name the objects to be identified"
+        self.y_name.value = "Cells"
+        self.y_name.doc = "Name the objects found, e.g. 'Nuclei' or 'Cells'."
+
+        self.use_channel2 = Binary(
+            "Use an additional channel image?", False,
+            doc="Add a second grayscale image (for example a nuclear stain when segmenting "
+                "cells) as an extra channel. It must have the same size as the input image.",
+        )
+        self.channel2_name = ImageSubscriber(
+            "Select the second channel image", doc="A grayscale image of the same size.",
+        )
+        self.use_channel3 = Binary(
+            "Use a third channel image?", False,
+            doc="Add a third grayscale image (for example a membrane stain). Cellpose-SAM "
+                "uses at most three channels in total.",
+        )
+        self.channel3_name = ImageSubscriber(
+            "Select the third channel image", doc="A grayscale image of the same size.",
+        )
+
+        self.model_choice = Choice(
+            "Model", MODEL_CHOICES, value=MODEL_DEFAULT,
+            doc=f"""\
+- *{MODEL_DEFAULT}:* the small, fast model that comes with cpsam-toolkit (works offline).
+- *{MODEL_CPSAM}* / *{MODEL_CPSAM_V2}:* the published Cellpose-SAM weights (large; downloaded
+  once into the cpsam-toolkit cache, so the first run needs internet access — pre-download
+  them on cluster nodes with ``cpsam models download``).
+- *{MODEL_CUSTOM}:* a model file you trained or fine-tuned (cpsam-toolkit or Cellpose-SAM
+  format).""",
+        )
+        self.model_directory = Directory(
+            "Location of the model file",
+            dir_choices=[
+                ABSOLUTE_FOLDER_NAME,
+                DEFAULT_INPUT_FOLDER_NAME,
+                DEFAULT_OUTPUT_FOLDER_NAME,
+                DEFAULT_INPUT_SUBFOLDER_NAME,
+                DEFAULT_OUTPUT_SUBFOLDER_NAME,
+            ],
+            doc="The folder that holds your model file.",
+        )
+        self.model_file_name = Filename(
+            "Model file name", "model.pt",
+            get_directory_fn=self._model_dir_for_browse,
+            set_directory_fn=self._set_model_dir_from_browse,
+            browse_msg="Choose the Cellpose-SAM model file",
+            exts=[("PyTorch weights (*.pt, *.pth)", "*.pt;*.pth"), ("All files (*.*)", "*.*")],
+            doc="The model file in the folder above.",
+        )
+
+        self.device = Choice(
+            "Run on", DEVICE_CHOICES, value=DEVICE_AUTO,
+            doc=f"*{DEVICE_AUTO}* uses a GPU when one is available, else the CPU. *{DEVICE_GPU}* "
+                "stops with an error if there is no usable GPU (NVIDIA CUDA or Apple MPS).",
+        )
+        self.batch_size = Integer(
+            "Batch size", 8, minval=1, maxval=MAX_BATCH_SIZE,
+            doc="How many 256x256 tiles go through the network at once. Larger is faster on a "
+                "GPU but needs more GPU memory; if the GPU runs out of memory the module "
+                "retries with smaller batches automatically (and logs a warning).",
+        )
+        self.flow_threshold = Float(
+            "Flow threshold", 0.4,
+            doc="Maximum allowed disagreement between an object's shape and the predicted flows "
+                f"({FLOW_THRESHOLD_RANGE[0]:g} to {FLOW_THRESHOLD_RANGE[1]:g}). Increase it if "
+                "too few objects are found; decrease it to drop badly-shaped objects. 0 turns "
+                "the check off.",
+        )
+        self.cellprob_threshold = Float(
+            "Cell probability threshold", 0.0,
+            doc="Pixels whose cell probability (as a logit) is above this value belong to "
+                f"objects ({CELLPROB_THRESHOLD_RANGE[0]:g} to {CELLPROB_THRESHOLD_RANGE[1]:g}; "
+                "0 means probability 0.5). Decrease it to find more and larger objects, "
+                "increase it for fewer and smaller ones.",
+        )
+        self.min_size = Integer(
+            "Minimum object size (pixels)", 15, minval=0,
+            doc="Objects smaller than this many pixels (voxels in 3D) are discarded. 0 keeps "
+                "every object.",
+        )
+        self.remove_border = Binary(
+            "Discard objects touching the border of the image?", True,
+            doc="Discard objects that touch the edge of the image (or of its mask), because "
+                "their size and shape are incomplete. In 3D all six faces count as border.",
+        )
+        self.do_3d = Binary(
+            "Segment volumes in 3D?", False,
+            doc="For 3D images: segment the whole volume at once (objects span planes). If No, "
+                "each plane of a volume is segmented on its own (objects do not span planes).",
+        )
+        self.anisotropy = Float(
+            "Z spacing relative to XY", 1.0,
+            doc="Voxel spacing along Z divided by the pixel size in X/Y (e.g. 2.0 for 0.5 um "
+                "pixels and 1 um steps).",
+        )
+        self.save_probabilities = Binary(
+            "Save the probability map as an image?", False,
+            doc="Output the cell probability (0 to 1) as an image for later modules or "
+                "SaveImages.",
+        )
+        self.probabilities_name = ImageName(
+            "Name the probability image", "CellProbability",
+            doc="Name of the probability image.",
+        )
+        self.wants_confidence = Binary(
+            "Measure per-object confidence?", True,
+            doc=f"Measure {M_MEAN_CELLPROB} (mean cell probability inside each object) and "
+                f"{M_FLOW_ERROR} (shape/flow disagreement) for quality control.",
+        )
+
+    def _model_dir_for_browse(self):
+        try:
+            return self.model_directory.get_absolute_path()
+        except Exception:
+            return None
+
+    def _set_model_dir_from_browse(self, path):
+        dir_choice, custom_path = self.model_directory.get_parts_from_path(path)
+        self.model_directory.join_parts(dir_choice, custom_path)
+
+    def settings(self):
+        return [
+            self.x_name,
+            self.y_name,
+            self.use_channel2,
+            self.channel2_name,
+            self.use_channel3,
+            self.channel3_name,
+            self.model_choice,
+            self.model_directory,
+            self.model_file_name,
+            self.device,
+            self.batch_size,
+            self.flow_threshold,
+            self.cellprob_threshold,
+            self.min_size,
+            self.remove_border,
+            self.do_3d,
+            self.anisotropy,
+            self.save_probabilities,
+            self.probabilities_name,
+            self.wants_confidence,
+        ]
+
+    def visible_settings(self):
+        result = [self.x_name, self.y_name, self.use_channel2]
+        if self.use_channel2:
+            result += [self.channel2_name, self.use_channel3]
+            if self.use_channel3:
+                result += [self.channel3_name]
+        result += [self.model_choice]
+        if self.model_choice == MODEL_CUSTOM:
+            result += [self.model_directory, self.model_file_name]
+        result += [self.device, self.batch_size, self.flow_threshold, self.cellprob_threshold,
+                   self.min_size, self.remove_border, self.do_3d]
+        if self.do_3d:
+            result += [self.anisotropy]
+        result += [self.save_probabilities]
+        if self.save_probabilities:
+            result += [self.probabilities_name]
+        result += [self.wants_confidence]
+        return result
+
+    def upgrade_settings(self, setting_values, variable_revision_number, module_name):
+        if variable_revision_number == 1:
+            # revision 1 had no "Measure per-object confidence?" setting; it always measured
+            setting_values = list(setting_values) + ["Yes"]
+            variable_revision_number = 2
+        if variable_revision_number != self.variable_revision_number:
+            raise ValueError(
+                f"RunCellposeSAM settings revision {variable_revision_number} is newer than this "
+                f"plugin understands (revision {self.variable_revision_number}); update the "
+                "plugin (pip install --upgrade cpsam-toolkit) and copy its runcellposesam.py"
+            )
+        return setting_values, variable_revision_number
+
+    # ------------------------------------------------------------------ helpers
+    def _channel_names(self) -> list[str]:
+        names = []
+        if self.use_channel2:
+            names.append(self.channel2_name.value)
+            if self.use_channel3:
+                names.append(self.channel3_name.value)
+        return names
+
+    def model_spec(self, measurements=None) -> str | None:
+        """None (shipped default), a registered name, or the absolute path of a custom file."""
+        choice = self.model_choice.value
+        if choice == MODEL_DEFAULT:
+            return None
+        if choice == MODEL_CUSTOM:
+            folder = self.model_directory.get_absolute_path(measurements)
+            return os.path.join(folder, self.model_file_name.value)
+        return choice
+
+    def _check_numbers(self) -> list[tuple[str, object]]:
+        """(message, setting) for every numeric setting out of range."""
+        problems = []
+        lo, hi = FLOW_THRESHOLD_RANGE
+        if not lo <= self.flow_threshold.value <= hi:
+            problems.append((
+                f"The flow threshold must be between {lo:g} and {hi:g} (0 turns the shape "
+                f"check off, 0.4 is usual); it is {self.flow_threshold.value:g}.",
+                self.flow_threshold))
+        lo, hi = CELLPROB_THRESHOLD_RANGE
+        if not lo <= self.cellprob_threshold.value <= hi:
+            problems.append((
+                f"The cell probability threshold must be between {lo:g} and {hi:g} (0 is usual; "
+                f"lower finds more and larger objects); it is {self.cellprob_threshold.value:g}.",
+                self.cellprob_threshold))
+        if self.min_size.value < 0:
+            problems.append((
+                "The minimum object size cannot be negative (use 0 to keep every object).",
+                self.min_size))
+        if not 1 <= self.batch_size.value <= MAX_BATCH_SIZE:
+            problems.append((
+                f"The batch size must be between 1 and {MAX_BATCH_SIZE} (8 is usual).",
+                self.batch_size))
+        if self.do_3d and not self.anisotropy.value > 0:
+            problems.append((
+                "The Z spacing relative to XY must be greater than 0 (1 means cubic voxels).",
+                self.anisotropy))
+        return problems
+
+    def validate_module(self, pipeline):
+        super().validate_module(pipeline)
+        for message, setting in self._check_numbers():
+            raise ValidationError(message, setting)
+
+        names = [self.x_name.value] + self._channel_names()
+        labels = [self.x_name, self.channel2_name, self.channel3_name]
+        for i, name in enumerate(names[1:], start=1):
+            if name in names[:i]:
+                raise ValidationError(
+                    f"The image '{name}' is selected twice; each channel must be a different "
+                    "image.", labels[i])
+
+        import importlib.util
+
+        if importlib.util.find_spec("cpsam_toolkit") is None:
+            raise ValidationError(
+                "cpsam-toolkit is not installed in the Python environment that runs "
+                "CellProfiler. Install it there with: pip install cpsam-toolkit",
+                self.model_choice)
+
+        if self.model_choice == MODEL_CUSTOM:
+            folder_value = self.model_directory.value
+            if "\\g<" not in folder_value and "\\g<" not in self.model_file_name.value:
+                try:
+                    path = self.model_spec()
+                except Exception:
+                    path = None
+                if path is not None and not os.path.isfile(path):
+                    raise ValidationError(
+                        f"The model file '{path}' does not exist. Check the folder and the file "
+                        "name, or choose the default model.", self.model_file_name)
+
+        if self.device == DEVICE_GPU and not _gpu_available():
+            raise ValidationError(
+                "'Run on' is set to GPU but this computer has no usable GPU (or PyTorch was "
+                "installed without GPU support). Choose 'Automatic' or 'CPU'.", self.device)
+
+        if self.do_3d:
+            volumetric = getattr(pipeline, "volumetric", None)
+            if callable(volumetric) and not volumetric():
+                raise ValidationError(
+                    "3D segmentation needs images loaded as volumes: in NamesAndTypes set "
+                    "'Process as 3D?' to Yes, or set 'Segment volumes in 3D?' to No.",
+                    self.do_3d)
+
+    def prepare_to_create_batch(self, workspace, fn_alter_path):
+        self.model_directory.alter_for_create_batch_files(fn_alter_path)
+        return True
+
+    def is_object_identification_module(self):
+        return True
+
+    def volumetric(self):
+        return True
+
+    # ------------------------------------------------------------------ measurements
+    def _image_features(self) -> list[str]:
+        obj = self.y_name.value
+        return [
+            f"{C_CELLPOSESAM}_{FTR_MODEL}_{obj}",
+            f"{C_CELLPOSESAM}_{FTR_MODEL_VERSION}_{obj}",
+        ]
+
+    def get_measurement_columns(self, pipeline, object_name=None):
+        columns = list(super().get_measurement_columns(pipeline))
+        columns += [(IMAGE, name, COLTYPE_MODEL_STRING) for name in self._image_features()]
+        if self.wants_confidence:
+            obj = self.y_name.value
+            columns += [(obj, M_MEAN_CELLPROB, COLTYPE_FLOAT), (obj, M_FLOW_ERROR, COLTYPE_FLOAT)]
+        return columns
+
+    def get_categories(self, pipeline, object_name):
+        categories = list(super().get_categories(pipeline, object_name))
+        if object_name == IMAGE or (object_name == self.y_name.value and self.wants_confidence):
+            categories.append(C_CELLPOSESAM)
+        return categories
+
+    def get_measurements(self, pipeline, object_name, category):
+        if category == C_CELLPOSESAM:
+            if object_name == IMAGE:
+                return [FTR_MODEL, FTR_MODEL_VERSION]
+            if object_name == self.y_name.value and self.wants_confidence:
+                return [FTR_MEAN_CELLPROB, FTR_FLOW_ERROR]
+            return []
+        return super().get_measurements(pipeline, object_name, category)
+
+    def get_measurement_images(self, pipeline, object_name, category, measurement):
+        if object_name == IMAGE and category == C_CELLPOSESAM and \
+                measurement in (FTR_MODEL, FTR_MODEL_VERSION):
+            return [self.y_name.value]
+        return []
+
+    # ------------------------------------------------------------------ run
+    def _describe(self, workspace) -> str:
+        m = workspace.measurements
+        where = f"image '{self.x_name.value}'"
+        try:
+            where += f" (image set {m.image_set_number}"
+            feature = f"FileName_{self.x_name.value}"
+            if m.has_feature(IMAGE, feature):
+                where += f", file {m.get_current_image_measurement(feature)}"
+            where += ")"
+        except Exception:
+            pass
+        return where
+
+    def _stack_channels(self, workspace, x) -> tuple[np.ndarray, int | None]:
+        """The input as (Y,X[,C]) or (Z,Y,X[,C]) with channels last; returns (data, channel_axis)."""
+        data = np.asarray(x.pixel_data)
+        volumetric = bool(x.volumetric)
+        spatial_nd = 3 if volumetric else 2
+        if data.ndim == spatial_nd:
+            channels = [data]
+        elif data.ndim == spatial_nd + 1:
+            channels = [data[..., c] for c in range(data.shape[-1])]
+        else:
+            raise CellposeSAMError(f"unsupported image shape {data.shape}")
+        for name in self._channel_names():
+            extra = workspace.image_set.get_image(name)
+            arr = np.asarray(extra.pixel_data)
+            if arr.ndim != spatial_nd:
+                raise CellposeSAMError(
+                    f"the channel image '{name}' must be grayscale; it has shape {arr.shape}. "
+                    "Use ColorToGray to split colour images into channels.")
+            if arr.shape != channels[0].shape:
+                raise CellposeSAMError(
+                    f"the channel image '{name}' ({arr.shape}) is not the same size as "
+                    f"'{self.x_name.value}' ({channels[0].shape}).")
+            channels.append(arr)
+        if len(channels) > 3:
+            raise CellposeSAMError(
+                f"Cellpose-SAM uses at most 3 channels but {len(channels)} were given "
+                f"('{self.x_name.value}' has {len(channels) - len(self._channel_names())}). "
+                "Use ColorToGray or fewer additional channel images.")
+        if len(channels) == 1:
+            return channels[0].astype(np.float32, copy=False), None
+        return np.stack(channels, axis=-1).astype(np.float32, copy=False), -1
+
+    def _segment(self, model, key, data, channel_axis, volumetric):
+        """Run the library; returns (masks, cellprob, objects dict or None) before filtering."""
+        kwargs = dict(
+            channel_axis=channel_axis,
+            flow_threshold=float(self.flow_threshold.value),
+            cellprob_threshold=float(self.cellprob_threshold.value),
+            min_size=0,  # size filtering is done here, to keep the unfiltered objects
+        )
+        bs = int(self.batch_size.value)
+        if volumetric and self.do_3d:
+            try:
+                res = segment_with_fallback(
+                    model, data, key, bs, do_3d=True, z_axis=0,
+                    anisotropy=float(self.anisotropy.value), **kwargs)
+            except Exception as e:
+                if _is_3d_unsupported(e):
+                    raise CellposeSAMError(
+                        "this version of cpsam-toolkit cannot segment in 3D yet "
+                        f"({e.__class__.__name__}: {e}). Set 'Segment volumes in 3D?' to No to "
+                        "segment each plane on its own, or upgrade cpsam-toolkit.") from e
+                raise
+            return np.asarray(res.masks), np.asarray(res.cellprob), getattr(res, "objects", None)
+        if volumetric:
+            planes = [data[z] for z in range(data.shape[0])]
+            results = segment_with_fallback(model, planes, key, bs, **kwargs)
+            masks = np.zeros(data.shape[:3], np.int64)
+            cellprob = np.zeros(data.shape[:3], np.float32)
+            objs: dict[str, list] = {"label": [], "mean_cellprob": [], "flow_error": []}
+            offset = 0
+            for z, res in enumerate(results):
+                m = np.asarray(res.masks).astype(np.int64)
+                masks[z] = np.where(m > 0, m + offset, 0)
+                cellprob[z] = res.cellprob
+                o = getattr(res, "objects", None) or {}
+                if "label" in o:
+                    objs["label"].append(np.asarray(o["label"], np.int64) + offset)
+                    for f in ("mean_cellprob", "flow_error"):
+                        v = o.get(f)
+                        objs[f].append(np.full(len(o["label"]), np.nan) if v is None
+                                       else np.asarray(v, np.float64))
+                offset += int(m.max(initial=0))
+            objects = {k: np.concatenate(v) if v else np.zeros(0) for k, v in objs.items()}
+            return masks, cellprob, objects
+        res = segment_with_fallback(model, data, key, bs, **kwargs)
+        return np.asarray(res.masks), np.asarray(res.cellprob), getattr(res, "objects", None)
+
+    def run(self, workspace):
+        try:
+            self._run(workspace)
+        except CellposeSAMError as e:
+            raise CellposeSAMError(f"RunCellposeSAM failed on {self._describe(workspace)}: {e}") \
+                from e
+        except Exception as e:
+            raise CellposeSAMError(
+                f"RunCellposeSAM failed on {self._describe(workspace)}: "
+                f"{e.__class__.__name__}: {e}") from e
+
+    def _run(self, workspace):
+        problems = self._check_numbers()
+        if problems:
+            raise CellposeSAMError(" ".join(msg for msg, _ in problems))
+        x = workspace.image_set.get_image(self.x_name.value)
+        volumetric = bool(x.volumetric)
+        if self.do_3d and not volumetric:
+            raise CellposeSAMError(
+                "'Segment volumes in 3D?' is Yes but the image is 2D. Load it as a volume "
+                "(NamesAndTypes: 'Process as 3D?' Yes) or set 'Segment volumes in 3D?' to No.")
+        data, channel_axis = self._stack_channels(workspace, x)
+
+        spec = self.model_spec(workspace.measurements)
+        if spec is not None and self.model_choice == MODEL_CUSTOM and not os.path.isfile(spec):
+            raise CellposeSAMError(
+                f"the model file '{spec}' does not exist. Check 'Location of the model file' "
+                "and 'Model file name' (on a cluster, the path must exist on every node).")
+        device = _DEVICE_ARG[self.device.value]
+        try:
+            model, key = get_model(spec, device)
+        except ValueError as e:
+            if device == "gpu":
+                raise CellposeSAMError(
+                    f"'Run on' is GPU but no usable GPU was found ({e}). Choose 'Automatic' or "
+                    "'CPU'.") from e
+            raise
+
+        t0 = time.perf_counter()
+        raw, cellprob, lib_objects = self._segment(model, key, data, channel_axis, volumetric)
+        elapsed = time.perf_counter() - t0
+
+        raw = np.asarray(raw)
+        if raw.shape != data.shape[: raw.ndim] or raw.ndim != (3 if volumetric else 2):
+            raise CellposeSAMError(
+                f"the segmentation library returned masks of shape {raw.shape} for an image of "
+                f"shape {data.shape}")
+        unedited = raw.astype(np.int32, copy=False)
+
+        # size filter (objects smaller than min_size), then border/mask filter
+        small_removed = unedited
+        n_small = 0
+        if self.min_size.value > 0 and unedited.max(initial=0) > 0:
+            areas = np.bincount(unedited.ravel())
+            small = np.flatnonzero(areas < self.min_size.value)
+            small = small[(small > 0) & (areas[small] > 0)]
+            n_small = len(small)
+            small_removed = remove_labels(unedited, small)
+        final = small_removed
+        n_border = 0
+        if self.remove_border:
+            mask = x.mask if x.has_mask else None
+            if mask is not None and np.asarray(mask).shape != final.shape:
+                mask = None
+            touching = border_labels(final, mask)
+            n_border = len(touching)
+            final = remove_labels(final, touching)
+        segmented, old_labels = relabel_sequential(final)
+
+        objects = Objects()
+        objects.segmented = segmented
+        objects.unedited_segmented = unedited
+        objects.small_removed_segmented = small_removed
+        objects.parent_image = x
+        workspace.object_set.add_objects(objects, self.y_name.value)
+        self.add_measurements(workspace)
+
+        m = workspace.measurements
+        obj = self.y_name.value
+        model_name, model_version = self._model_strings(model, spec)
+        f_model, f_version = self._image_features()
+        m.add_image_measurement(f_model, model_name)
+        m.add_image_measurement(f_version, model_version)
+
+        if self.wants_confidence:
+            mean_cellprob = _per_object(lib_objects, "mean_cellprob", old_labels)
+            if mean_cellprob is None or np.isnan(mean_cellprob).any():
+                mean_cellprob = self._mean_probability(segmented, cellprob, mean_cellprob)
+            flow_error = _per_object(lib_objects, "flow_error", old_labels)
+            if flow_error is None:
+                flow_error = np.full(len(old_labels), np.nan)
+            m.add_measurement(obj, M_MEAN_CELLPROB, mean_cellprob.astype(np.float64))
+            m.add_measurement(obj, M_FLOW_ERROR, flow_error.astype(np.float64))
+
+        if self.save_probabilities:
+            prob = sigmoid(cellprob)
+            workspace.image_set.add(
+                self.probabilities_name.value,
+                Image(prob, parent_image=x, convert=False, dimensions=x.dimensions),
+            )
+
+        if self.show_window:
+            workspace.display_data.x_data = x.pixel_data
+            workspace.display_data.y_data = segmented
+            workspace.display_data.dimensions = x.dimensions
+            workspace.display_data.statistics = [
+                ["Objects found", str(int(segmented.max(initial=0)))],
+                ["Removed: smaller than minimum size", str(n_small)],
+                ["Removed: touching the border", str(n_border)],
+                ["Model", model_name],
+                ["Device", str(getattr(model, "device", self.device.value))],
+                ["Segmentation time", f"{elapsed:.2f} s"],
+            ]
+
+    @staticmethod
+    def _mean_probability(labels, cellprob, known):
+        n = int(labels.max(initial=0))
+        if n == 0:
+            return np.zeros(0)
+        import scipy.ndimage
+
+        prob = sigmoid(cellprob)
+        computed = np.asarray(
+            scipy.ndimage.mean(prob, labels=labels, index=np.arange(1, n + 1)), np.float64)
+        if known is None:
+            return computed
+        return np.where(np.isnan(known), computed, known)
+
+    @staticmethod
+    def _model_strings(model, spec) -> tuple[str, str]:
+        name = str(getattr(model, "name", None) or spec or "default")
+        info = getattr(model, "info", None) or {}
+        sha = str(info.get("sha256") or "")[:12] or "unknown"
+        try:
+            from importlib.metadata import version
+
+            toolkit = version("cpsam-toolkit")
+        except Exception:
+            toolkit = getattr(sys.modules.get("cpsam_toolkit"), "__version__", "unknown")
+        return name[:255], f"cpsam-toolkit {toolkit}; weights sha256 {sha}"[:255]
+
+    def post_run(self, workspace):
+        # models stay cached for the next run in this process; only cached GPU blocks go back
+        _empty_gpu_cache()
+
+    # ------------------------------------------------------------------ display (GUI only)
+    def display(self, workspace, figure):
+        d = workspace.display_data
+        image, labels = d.x_data, d.y_data
+        if d.dimensions == 3:
+            super().display(workspace, figure)
+            return
+        figure.set_subplots((2, 2))
+        title = f"Input image, cycle #{workspace.measurements.image_number}"
+        if image.ndim == 3:
+            ax = figure.subplot_imshow_color(0, 0, image, title)
+        else:
+            ax = figure.subplot_imshow_grayscale(0, 0, image, title)
+        figure.subplot_imshow_labels(1, 0, labels, self.y_name.value, sharexy=ax)
+        cplabels = [dict(name=self.y_name.value, labels=[labels])]
+        outline_title = f"{self.y_name.value} outlines"
+        if image.ndim == 3:
+            figure.subplot_imshow_color(0, 1, image, outline_title, cplabels=cplabels, sharexy=ax)
+        else:
+            figure.subplot_imshow_grayscale(0, 1, image, outline_title, cplabels=cplabels,
+                                            sharexy=ax)
+        figure.subplot_table(1, 1, [[v] for _, v in d.statistics],
+                             row_labels=[k for k, _ in d.statistics])
+
+
+def _gpu_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    if torch.cuda.is_available():
+        return True
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
