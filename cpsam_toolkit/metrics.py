@@ -80,6 +80,7 @@ __all__ = [
     "aggregate",
     "matching_per_class",
     "class_average",
+    "aggregate_classes",
     "evaluate_images",
 ]
 
@@ -581,9 +582,7 @@ def aggregated_jaccard_index(
             # the reference scales the tie-break by min(max label) (gaps included)
             n_min = min(int(np.asarray(t).max(initial=0)), int(np.asarray(p).max(initial=0)))
             nz = np.flatnonzero(iou > 0)
-            sel = nz[
-                _assign(ov.rows[nz], ov.cols[nz], iou[nz], max(n_min, 1), (iou[nz] >= 0.5) * 1.0)
-            ]
+            sel = nz[_assign(ov.rows[nz], ov.cols[nz], iou[nz], max(n_min, 1), (iou[nz] >= 0.5) * 1.0)]
             inter = int(ov.intersections[sel].sum())
         else:
             raise ValueError(f"variant must be 'standard' or 'cellpose', not {variant!r}")
@@ -734,6 +733,44 @@ def class_average(per_class: Mapping[str, MatchingStats]) -> dict[str, np.ndarra
     return out
 
 
+def aggregate_classes(per_images: Sequence[Mapping[str, MatchingStats]]) -> dict[str, dict]:
+    """Aggregate per-class matchings (one :func:`matching_per_class` dict per image).
+
+    Returns
+    -------
+    dict
+        ``class_mean_per_image``: mean over images of :func:`class_average` (the paper's
+        convention; images without ground truth are left out, ``n_<score>`` counts the images
+        used); ``per_class_mean_per_image[c]``: :func:`aggregate` over the images whose ground
+        truth contains class ``c``; ``per_class_pooled[c]``: pooled over all images.
+    """
+    if not per_images:
+        raise ValueError("no images to aggregate")
+    th = next((s.thresholds for d in per_images for s in d.values()), None)
+    avg = [class_average(d) for d in per_images if d]
+    cm: dict = {"aggregation": "mean_per_image of class_average", "n_images": len(per_images)}
+    for name in (*SCORE_NAMES, "aji"):
+        arr = np.array([a[name] for a in avg], dtype=np.float64)
+        cm[name] = _nanmean(arr, axis=0) if avg else np.nan
+        cm[f"n_{name}"] = np.sum(~np.isnan(arr), axis=0) if avg else 0
+    per_mean: dict[str, dict] = {}
+    per_pooled: dict[str, dict] = {}
+    if th is None:
+        return {"class_mean_per_image": cm, "per_class_mean_per_image": {}, "per_class_pooled": {}}
+    empty = MatchingStats(th, 0, 0, np.zeros(th.size, np.int64), np.zeros(th.size))
+    for c in sorted({c for d in per_images for c in d}):
+        all_c = [d.get(c, empty) for d in per_images]
+        with_gt = [s for s in all_c if s.n_true > 0]
+        if with_gt:
+            per_mean[c] = aggregate(with_gt, "mean_per_image")
+        per_pooled[c] = aggregate(all_c, "pooled")
+    return {
+        "class_mean_per_image": cm,
+        "per_class_mean_per_image": per_mean,
+        "per_class_pooled": per_pooled,
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # a set of images
 
@@ -827,28 +864,7 @@ def evaluate_images(
             matching_per_class(t, p, a, b, th)
             for t, p, a, b in zip(list_true, list_pred, ct, cp, strict=True)
         ]
-        avg = [class_average(d) for d in pci]
-        cm: dict = {"aggregation": "mean_per_image of class_average", "n_images": len(avg)}
-        for name in (*SCORE_NAMES, "aji"):
-            arr = np.array([a[name] for a in avg], dtype=np.float64)
-            cm[name] = _nanmean(arr, axis=0)
-            cm[f"n_{name}"] = np.sum(~np.isnan(arr), axis=0)
-        classes = sorted({c for d in pci for c in d})
-        empty = MatchingStats(th, 0, 0, np.zeros(th.size, np.int64), np.zeros(th.size))
-        per_mean = {}
-        per_pooled = {}
-        for c in classes:
-            all_c = [d.get(c, empty) for d in pci]
-            with_gt = [s for s in all_c if s.n_true > 0]
-            if with_gt:
-                per_mean[c] = aggregate(with_gt, "mean_per_image")
-            per_pooled[c] = aggregate(all_c, "pooled")
-        kw = dict(
-            per_class_images=pci,
-            class_mean_per_image=cm,
-            per_class_mean_per_image=per_mean,
-            per_class_pooled=per_pooled,
-        )
+        kw = dict(per_class_images=pci, **aggregate_classes(pci))
     return Evaluation(
         th,
         images,
