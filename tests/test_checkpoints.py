@@ -181,6 +181,8 @@ def small_sam_encoder(seed: int = 0):
 
 
 SAM_TINY = get_config("tiny").replace(rel_pos_rows=(27, 127))
+#: the same with 64-pixel tiles (8x8 tokens), for the fast cache tests
+CACHE_CFG = SAM_TINY.replace(tile=64)
 
 
 @pytest.mark.parametrize("prefixed", [True, False])
@@ -246,7 +248,7 @@ def test_from_sam_vit_b():
 
 
 def test_our_format_round_trip(tmp_path):
-    cfg = get_config("tiny").replace(depth=3, in_channels=2, nout=5, layer_drop=0.1,
+    cfg = get_config("tiny").replace(depth=3, in_channels=2, nout=5, layer_drop=0.1, tile=64,
                                      class_names=("background", "nucleus"))
     torch.manual_seed(0)
     net = CPSAMNet(cfg)
@@ -259,7 +261,7 @@ def test_our_format_round_trip(tmp_path):
     assert meta2["format"] == "cpsam-toolkit"
     assert {k: meta2[k] for k in meta} == meta
     assert not net2.training
-    x = images(2, 2)
+    x = images(2, 2, tile=64)
     with torch.no_grad():
         assert torch.equal(net(x), net2(x))
     # half precision file: float16 on disk, float32 when loaded, outputs close
@@ -412,9 +414,9 @@ def test_cellpose3_model(tmp_path):
 
 def test_rel_pos_cache_reused_in_inference():
     torch.manual_seed(0)
-    net = CPSAMNet(SAM_TINY).eval()
+    net = CPSAMNet(CACHE_CFG).eval()
     randomise_(net, 1)
-    x = images(1)
+    x = images(1, tile=64)
     attn = net.encoder.blocks[1].attn
     with torch.no_grad():
         y1 = net(x)
@@ -431,11 +433,11 @@ def test_rel_pos_cache_reused_in_inference():
 
 def test_rel_pos_cache_invalidated_by_load_state_dict():
     torch.manual_seed(0)
-    net = CPSAMNet(SAM_TINY).eval()
+    net = CPSAMNet(CACHE_CFG).eval()
     randomise_(net, 1)
-    other = CPSAMNet(SAM_TINY).eval()
+    other = CPSAMNet(CACHE_CFG).eval()
     randomise_(other, 2)
-    x = images(1)
+    x = images(1, tile=64)
     with torch.no_grad():
         y_net = net(x)
         caches = [b.attn._cache for b in net.encoder.blocks]
@@ -445,7 +447,7 @@ def test_rel_pos_cache_invalidated_by_load_state_dict():
             if "rel_pos" in k:
                 state[k] = v
         net.load_state_dict(state)
-        ref = CPSAMNet(SAM_TINY).eval()
+        ref = CPSAMNet(CACHE_CFG).eval()
         ref.load_state_dict(state)
         y_new = net(x)
         assert all(b.attn._cache is not c for b, c in zip(net.encoder.blocks, caches, strict=True))
@@ -458,9 +460,9 @@ def test_rel_pos_cache_invalidated_by_load_state_dict():
 
 def test_rel_pos_gradients_when_training():
     torch.manual_seed(0)
-    net = CPSAMNet(SAM_TINY.replace(layer_drop=0.0)).train()
+    net = CPSAMNet(CACHE_CFG.replace(layer_drop=0.0)).train()
     randomise_(net, 1)
-    out = net(images(2))
+    out = net(images(2, tile=64))
     out.square().mean().backward()
     for blk in net.encoder.blocks:
         for p in (blk.attn.rel_pos_h, blk.attn.rel_pos_w):
