@@ -125,26 +125,34 @@ def normalize(
     upper: float = 99.0,
     invert: bool = False,
     tile_norm_blocksize: int = 0,
+    lowhigh: Sequence[tuple[float, float]] | None = None,
 ) -> np.ndarray:
     """Per-channel percentile normalisation of a (..., C) image to float32.
 
     Each channel maps its ``lower`` percentile to 0 and ``upper`` to 1. A constant channel, or
     one whose percentile range is <= 1e-3, becomes all zeros (never NaN). ``invert`` gives
     ``1 - x``. ``tile_norm_blocksize > 0`` normalises in overlapping blocks of that many pixels
-    (smoothed, for uneven illumination).
+    (smoothed, for uneven illumination). ``lowhigh`` gives each channel's ``(lo, hi)`` instead
+    of computing percentiles (e.g. from :func:`percentile_lowhigh` on a whole large image, so
+    that its blocks are normalised alike).
     """
     if not 0 <= lower < upper <= 100:
         raise ValueError(f"percentiles must satisfy 0 <= lower < upper <= 100, got {lower}, {upper}")
     x = np.array(image, dtype=np.float32, copy=True)
+    if lowhigh is not None and len(lowhigh) != x.shape[-1]:
+        raise ValueError(f"lowhigh has {len(lowhigh)} (lo, hi) pairs for {x.shape[-1]} channels")
     for c in range(x.shape[-1]):
         ch = x[..., c]
         if tile_norm_blocksize > 0:
             x[..., c] = _tile_normalize(ch, tile_norm_blocksize, lower, upper)
             continue
-        if ch.size == 0 or np.ptp(ch) == 0:
+        if lowhigh is not None:
+            lo, hi = (float(v) for v in lowhigh[c])
+        elif ch.size == 0 or np.ptp(ch) == 0:
             ch[...] = 0
             continue
-        lo, hi = _percentiles(ch, lower, upper)
+        else:
+            lo, hi = _percentiles(ch, lower, upper)
         if hi - lo > 1e-3:
             ch -= lo
             ch /= hi - lo
@@ -153,6 +161,19 @@ def normalize(
     if invert:
         x = 1 - x
     return x
+
+
+def percentile_lowhigh(
+    image: np.ndarray, lower: float = 1.0, upper: float = 99.0
+) -> list[tuple[float, float]]:
+    """Each channel's ``(lo, hi)`` percentiles of a (..., C) image, exactly as :func:`normalize`
+    computes them (``(0, 0)`` for a constant channel, which normalises to zeros)."""
+    x = np.asarray(image)
+    out = []
+    for c in range(x.shape[-1]):
+        ch = x[..., c].astype(np.float32)
+        out.append((0.0, 0.0) if ch.size == 0 or np.ptp(ch) == 0 else _percentiles(ch, lower, upper))
+    return out
 
 
 def _tile_normalize(ch: np.ndarray, block: int, lower: float, upper: float) -> np.ndarray:
