@@ -773,6 +773,7 @@ def run_plate(
     torch_threads: int | None = None,
     progress: bool = False,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    on_start: Callable[[dict[str, Any]], None] | None = None,
 ) -> PlateReport:
     """Segment a folder/plate of images into ``out_dir``; resumable and failure-isolated.
 
@@ -804,6 +805,9 @@ def run_plate(
         Show a progress bar (images/s).
     on_record
         Called with each image's record (ok or failed) as it finishes.
+    on_start
+        Called once before the work starts with ``model``, ``path``, ``n_inputs``,
+        ``n_todo``, ``n_skipped`` and ``n_redone`` (images with outputs but no finished entry).
     """
     from .segment import CellposeSAM, InputOptions, MaskOptions, NetOptions, load_model
 
@@ -861,6 +865,10 @@ def run_plate(
             "n_todo": len(todo),
         }, indent=2, default=str) + "\n")
 
+        if on_start is not None:
+            on_start({"model": model_name, "path": identity.get("path"), "n_inputs": len(jobs),
+                      "n_todo": len(todo), "n_skipped": len(report.skipped),
+                      "n_redone": 0 if overwrite else report.redone})
         bar = None
         if progress and todo:
             from tqdm.auto import tqdm
@@ -881,8 +889,7 @@ def run_plate(
                     write_failures(out_dir, report.failed)
                     if bar is not None:
                         bar.write(f"failed: {rec['input']}: {rec['reason']}")
-                    else:
-                        log.warning("failed: %s: %s", rec["input"], rec["reason"])
+                    log.info("failed: %s: %s", rec["input"], rec["reason"])
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(objects=report.n_objects, failed=len(report.failed), refresh=False)

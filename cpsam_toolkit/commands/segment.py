@@ -1,0 +1,310 @@
+"""``cpsam segment``: segment images, folders and plates (adapter over :mod:`cpsam_toolkit.batch`
+and :mod:`cpsam_toolkit.blockwise`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EPILOG = """\
+outputs (in --out):
+  <stem>_masks.tif        labels (uint16, uint32 above 65,535 objects), always
+  <stem>_flows.tif        RGB flow picture, with _dP.tif (float32 dY,dX) and _cellprob.tif  (--save-flows)
+  <stem>_outlines.png     image with red outlines                                  (--save-outlines)
+  <stem>_rois.zip         ImageJ ROIs, one polygon per object                      (--save-rois)
+  <stem>_objects.csv      label, area, centroid, mean_cellprob, flow_error         (--save-table)
+  summary.csv             per image: count, mean area, mean confidence, flow error (--summary)
+  manifest.jsonl          one line per finished image; reruns skip finished images
+  failures.csv            path and reason of each image that failed
+
+Rerunning the same command resumes: finished images are skipped (unless --overwrite),
+half-written ones are redone. The exit status is 1 when any image failed.
+
+examples:
+  cpsam segment plate1/ --out plate1_seg --save-outlines --summary
+  cpsam segment 'data/**/*.tif' --out seg --model cpsam_v2 --diameter 17
+  cpsam segment plate1/ --out seg --dask --workers 4
+  cpsam segment big_slide.tif --out seg --blockwise --block-size 2048
+"""
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.replace(" ", ",").split(",") if v != "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated channel indices, got {text!r}") from None
+    if not 1 <= len(vals) <= 3:
+        raise argparse.ArgumentTypeError("give 1 to 3 channel indices, e.g. --channels 1,0")
+    return vals
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "segment",
+        help="segment images, folders and plates",
+        description="Segment 2D images with Cellpose-SAM and write label images (and optional "
+        "flows, outlines, ImageJ ROIs, tables). Inputs are files, folders and glob patterns.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument("--recursive", "-r", action="store_true", help="also search sub-folders of folders")
+    p.add_argument("--overwrite", action="store_true", help="redo images that are already finished")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", default=None, metavar="NAME|PATH",
+                   help="registry name (see `cpsam models`) or weights file; default: cpsam_v2 or "
+                        "cpsam if present locally, else the shipped small model")
+    g.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
+    g.add_argument("--dtype", default=None, help="auto (default: bf16 on CUDA, fp32 elsewhere), fp32, bf16")
+    g.add_argument("--batch-size", type=_positive_int, default=8, help="tiles per network call (8)")
+
+    g = p.add_argument_group("input")
+    g.add_argument("--channel-axis", type=int, default=None, help="axis of the channels (default: guessed)")
+    g.add_argument("--channels", type=_int_list, default=None, metavar="I[,J[,K]]",
+                   help="up to 3 channel indices to use, in order (default: the first 3)")
+    g.add_argument("--diameter", type=float, default=None,
+                   help="median object diameter in pixels; images are resized so objects are ~30 px "
+                        "(default: none, Cellpose-SAM is size-invariant)")
+    g.add_argument("--invert", action="store_true", help="invert intensities (1 - x) after normalising")
+    g.add_argument("--no-norm", action="store_true", help="do not percentile-normalise the images")
+    g.add_argument("--norm-percentile", type=float, nargs=2, default=(1.0, 99.0), metavar=("LO", "HI"),
+                   help="percentiles mapped to 0 and 1 (1 99)")
+
+    g = p.add_argument_group("network")
+    g.add_argument("--augment", action="store_true", help="test-time augmentation (flipped tiles)")
+    g.add_argument("--tile-overlap", type=float, default=0.1, help="fraction of tile overlap (0.1)")
+
+    g = p.add_argument_group("masks")
+    g.add_argument("--flow-threshold", type=float, default=0.4, help="flow error QC threshold, 0 = off (0.4)")
+    g.add_argument("--cellprob-threshold", type=float, default=0.0,
+                   help="cell probability logit threshold (0)")
+    g.add_argument("--min-size", type=int, default=15, help="remove objects smaller than this (15 px)")
+    g.add_argument("--max-size-fraction", type=float, default=0.4,
+                   help="remove objects larger than this fraction of the image (0.4)")
+    g.add_argument("--niter", type=int, default=None, help="flow-following iterations (default 200)")
+
+    g = p.add_argument_group("outputs")
+    g.add_argument("--save-flows", action="store_true", help="write _flows.tif, _dP.tif and _cellprob.tif")
+    g.add_argument("--save-outlines", action="store_true", help="write _outlines.png")
+    g.add_argument("--save-rois", action="store_true", help="write _rois.zip (ImageJ)")
+    g.add_argument("--save-table", action="store_true", help="write _objects.csv per image")
+    g.add_argument("--summary", nargs="?", const=True, default=False, metavar="CSV",
+                   help="write a per-image summary CSV (default: DIR/summary.csv)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    g = p.add_argument_group("distributed (Dask)")
+    g.add_argument("--dask", action="store_true", help="run on a local Dask cluster (worker processes)")
+    g.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run on an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (see docs/batch.md)")
+    g.add_argument("--workers", type=_positive_int, default=None,
+                   help="local workers (default: one per GPU, else 2)")
+    g.add_argument("--threads-per-worker", type=_positive_int, default=1,
+                   help="tasks run at once per worker (1)")
+    g.add_argument("--torch-threads", type=_positive_int, default=None,
+                   help="torch threads per worker (default: CPU cores / workers)")
+    g.add_argument("--chunk-size", type=_positive_int, default=None,
+                   help="images per Dask task (default: ~4 tasks per worker, at most 16)")
+
+    g = p.add_argument_group("large images (blockwise)")
+    g.add_argument("--blockwise", action="store_true",
+                   help="segment each input in blocks with a halo and write <stem>_masks.zarr "
+                        "(images larger than memory; TIFF or .zarr inputs)")
+    g.add_argument("--block-size", type=_positive_int, default=2048, help="block size in pixels (2048)")
+    g.add_argument("--halo", type=_positive_int, default=64,
+                   help="context around each block, >= 2 cell diameters (64 px)")
+    p.set_defaults(func=run)
+
+
+def _err(msg: str) -> int:
+    print(f"cpsam segment: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    from ..segment import InputOptions, MaskOptions, NetOptions
+
+    lo, hi = args.norm_percentile
+    return dict(
+        input_options=InputOptions(
+            channel_axis=args.channel_axis, channels=args.channels, normalize=not args.no_norm,
+            percentiles=(lo, hi), invert=args.invert, diameter=args.diameter,
+        ),
+        net_options=NetOptions(args.batch_size, args.tile_overlap, args.augment),
+        mask_options=MaskOptions(args.flow_threshold, args.cellprob_threshold, args.min_size,
+                                 args.max_size_fraction, args.niter),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import batch
+
+    t0 = time.perf_counter()
+    try:
+        out_dir = batch.check_out_dir(args.out)
+    except batch.OutputDirError as e:
+        return _err(str(e))
+    lo, hi = args.norm_percentile
+    if not 0 <= lo < hi <= 100:
+        return _err(f"--norm-percentile needs 0 <= LO < HI <= 100, got {lo} {hi}")
+    if not 0 <= args.tile_overlap < 1:
+        return _err(f"--tile-overlap must be in [0, 1), got {args.tile_overlap}")
+    if args.diameter is not None and not args.diameter > 0:
+        return _err(f"--diameter must be a positive number of pixels, got {args.diameter}")
+    if args.dask and args.scheduler:
+        return _err("give either --dask (a local cluster) or --scheduler ADDRESS, not both")
+    try:
+        opts = _options(args)
+        opts["mask_options"].validate()
+    except ValueError as e:
+        return _err(str(e))
+
+    if args.blockwise:
+        return _run_blockwise(args, out_dir, opts, t0)
+
+    from ..io import find_images
+
+    try:
+        paths = find_images(args.inputs, recursive=args.recursive)
+    except FileNotFoundError as e:
+        return _err(str(e))
+    if not paths:
+        return _err(f"no images found in {' '.join(args.inputs)} (extensions: .tif .tiff .png "
+                    ".jpg .jpeg .bmp .npy; use --recursive for sub-folders)")
+
+    distributed = args.dask or args.scheduler
+    model: Any = args.model
+    if not distributed:
+        try:
+            model = _load(args.model, args.device, args.dtype)
+        except Exception as e:  # noqa: BLE001 - model errors are reported, not raised
+            return _err(str(e))
+        print(f"model: {model.name} ({model.info.get('path', 'in memory')}) on {model.device}, "
+              f"{str(model.dtype).replace('torch.', '')}", file=sys.stderr)
+
+    client = cluster = None
+    try:
+        if distributed:
+            from distributed import Client
+
+            if args.scheduler:
+                client = Client(args.scheduler)
+            else:
+                n = args.workers or _default_workers()
+                cluster = batch.local_cluster(n, args.threads_per_worker, args.torch_threads)
+                client = Client(cluster)
+            print(f"dask: {len(client.scheduler_info().get('workers', {}))} workers "
+                  f"({client.scheduler.address})", file=sys.stderr)
+
+        def started(info: dict[str, Any]) -> None:
+            if distributed:
+                print(f"model: {info['model']} ({info['path']})", file=sys.stderr)
+            print(f"{info['n_inputs']} images: {info['n_todo']} to segment, {info['n_skipped']} "
+                  f"already finished" + (" (--overwrite to redo)" if info["n_skipped"] else ""),
+                  file=sys.stderr)
+
+        show_bar = not args.no_progress and sys.stderr.isatty()
+
+        def finished(rec: dict[str, Any]) -> None:
+            if rec["status"] != "ok" and not show_bar:  # the bar prints failures itself
+                print(f"failed: {rec['input']}: {rec['reason']}", file=sys.stderr, flush=True)
+
+        try:
+            report = batch.run_plate(
+                paths, out_dir, model, **opts,
+                outputs=batch.OutputOptions(args.save_flows, args.save_outlines, args.save_rois,
+                                            args.save_table),
+                summary=Path(args.summary) if isinstance(args.summary, str) else args.summary,
+                overwrite=args.overwrite, device=args.device, dtype=args.dtype,
+                client=client, chunk_size=args.chunk_size,
+                torch_threads=args.torch_threads if args.scheduler else None,
+                progress=show_bar, on_start=started, on_record=finished,
+            )
+        except batch.OutputDirError as e:
+            return _err(str(e))
+        except (ValueError, OSError) as e:
+            return _err(str(e))
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+
+    if report.failed:
+        print(f"failures listed in {out_dir / batch.FAILURES}", file=sys.stderr)
+    report.seconds = time.perf_counter() - t0
+    print(f"cpsam segment: {report.line()}; outputs in {out_dir}")
+    return 0 if report.ok else 1
+
+
+def _load(name: str | None, device: str | None, dtype: str | None):
+    from ..segment import load_model
+
+    return load_model(name, device=device, dtype=dtype)
+
+
+def _default_workers() -> int:
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001  # pragma: no cover
+        pass
+    return 2
+
+
+def _run_blockwise(args: argparse.Namespace, out_dir: Path, opts: dict[str, Any], t0: float) -> int:
+    from .. import blockwise
+
+    inputs = []
+    for item in args.inputs:
+        p = Path(item)
+        if p.is_dir() and p.suffix.lower() != ".zarr":
+            from ..io import find_images
+
+            inputs += find_images(p, recursive=args.recursive)
+        elif p.exists():
+            inputs.append(p)
+        else:
+            return _err(f"input {item!r} does not exist")
+    try:
+        model = _load(args.model, args.device, args.dtype)
+    except Exception as e:  # noqa: BLE001
+        return _err(str(e))
+    print(f"model: {model.name} ({model.info.get('path', 'in memory')}) on {model.device}", file=sys.stderr)
+    failed = n_objects = done = skipped = 0
+    for p in inputs:
+        target = out_dir / f"{p.stem if p.suffix.lower() != '.zarr' else p.name[:-5]}_masks.zarr"
+        if target.exists() and not args.overwrite:
+            print(f"skipped: {target} exists (--overwrite to redo)", file=sys.stderr)
+            skipped += 1
+            continue
+        try:
+            res = blockwise.segment_blockwise(
+                p, model, target, block_size=args.block_size, halo=args.halo,
+                input_options=opts["input_options"], net_options=opts["net_options"],
+                mask_options=opts["mask_options"], overwrite=args.overwrite,
+                progress=not args.no_progress and sys.stderr.isatty(),
+            )
+        except Exception as e:  # noqa: BLE001 - report and go on with the next input
+            print(f"failed: {p}: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        done += 1
+        n_objects += res.n_objects
+        print(f"{p} -> {target} ({res.n_objects} objects, {res.n_blocks} blocks)", file=sys.stderr)
+    print(f"cpsam segment: {done} segmented, {skipped} skipped, {failed} failed, {n_objects} objects, "
+          f"{time.perf_counter() - t0:.1f} s; outputs in {out_dir}")
+    return 1 if failed else 0
