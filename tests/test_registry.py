@@ -248,6 +248,19 @@ def test_server_ignoring_range_gives_full_download(server, monkeypatch, tiny_byt
     assert p.read_bytes() == tiny_bytes
 
 
+def test_file_changed_on_server_between_attempts(server, monkeypatch, tiny_bytes):
+    """If-Range: a resume against a changed file gets the whole new file, not a mix."""
+    server.files["t4b"] = bytes(reversed(tiny_bytes))
+    server.drop_after["t4b"] = 5000
+    add_entry(monkeypatch, "t4b", url=server.url, sha256=hashlib.sha256(tiny_bytes).hexdigest())
+    with pytest.raises(reg.DownloadError, match="interrupted"):
+        reg.download_model("t4b", progress=False, retries=0)
+    server.files["t4b"] = tiny_bytes  # new version published
+    p = reg.resolve_weights("t4b", progress=False)
+    assert server.requests[-1]["headers"]["Range"] == "bytes=5000-"
+    assert p.read_bytes() == tiny_bytes
+
+
 def test_stale_part_larger_than_file_restarts(server, monkeypatch, tiny_bytes):
     server.files["t5"] = tiny_bytes
     add_entry(monkeypatch, "t5", url=server.url, sha256=hashlib.sha256(tiny_bytes).hexdigest())
