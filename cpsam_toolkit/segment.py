@@ -371,6 +371,16 @@ def options_dict(*opts: Any) -> dict[str, Any]:
     return out
 
 
+def default_model_name() -> str:
+    """``cpsam_v2`` if present locally, then ``cpsam``, else the shipped small model."""
+    from .network import registry
+
+    for name in ("cpsam_v2", "cpsam"):
+        if registry.find_cached(name) is not None:
+            return name
+    return "cpsam_toolkit_small"
+
+
 def load_model(
     name_or_path: str | Path | None = None,
     device: str | torch.device | None = None,
@@ -387,9 +397,9 @@ def load_model(
     from .network.checkpoints import load_checkpoint
 
     if name_or_path is None:
-        name = registry.default_model_name()
+        name = default_model_name()
         path = registry.resolve_weights(name, download=False)
-        log.info("cpsam: using model %r (%s)", name, path)
+        log.warning("cpsam: no model named; using %r (%s)", name, path)
     elif isinstance(name_or_path, Path) or Path(str(name_or_path)).exists():
         path = Path(name_or_path)
         name = path.name
