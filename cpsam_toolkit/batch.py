@@ -725,7 +725,7 @@ def _remove_stale_temp_files(out_dir: Path) -> int:
 
 def _model_identity(model: CellposeSAM) -> dict[str, Any]:
     path = model.info.get("path")
-    ident: dict[str, Any] = {"name": model.name, "dtype": str(model.dtype)}
+    ident: dict[str, Any] = {"name": model.name, "dtype": str(getattr(model, "dtype", ""))}
     if path:
         with contextlib.suppress(OSError):
             st = Path(path).stat()
@@ -809,7 +809,7 @@ def run_plate(
         Called once before the work starts with ``model``, ``path``, ``n_inputs``,
         ``n_todo``, ``n_skipped`` and ``n_redone`` (images with outputs but no finished entry).
     """
-    from .segment import CellposeSAM, InputOptions, MaskOptions, NetOptions, load_model
+    from .segment import InputOptions, MaskOptions, NetOptions, load_model
 
     t_start = time.perf_counter()
     out_dir = check_out_dir(out_dir)
@@ -823,7 +823,7 @@ def run_plate(
     jobs = make_jobs(paths)
 
     spec = None
-    if isinstance(model, CellposeSAM):
+    if hasattr(model, "iter_segment"):  # a model object (CellposeSAM or compatible)
         identity = _model_identity(model)
         if client is not None:
             spec = ModelSpec.from_model(model, device)
