@@ -99,7 +99,7 @@ def _info(args: argparse.Namespace) -> int:
     print(f"format:      {info['format']}")
     print(f"preset:      {info['preset'] or 'none (custom size)'}")
     print("config:      " + ", ".join(f"{k}={v}" for k, v in cfg.items()
-                                      if k != "rel_pos_rows" or v))
+                                      if v not in ([], (), None)))
     print(f"parameters:  {info['parameters']:,}"
           + (f" ({info['trainable_parameters']:,} trainable)"
              if info.get("trainable_parameters") is not None else ""))
