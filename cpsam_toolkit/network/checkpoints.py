@@ -262,8 +262,9 @@ def from_sam(sam_state: Mapping[str, torch.Tensor], cfg: NetConfig, seed: int = 
     """
     sam = {k[len("image_encoder.") :]: v for k, v in sam_state.items() if k.startswith("image_encoder.")}
     sam = sam or dict(sam_state)
-    torch.manual_seed(seed)
-    net = CPSAMNet(cfg)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+        torch.manual_seed(seed)
+        net = CPSAMNet(cfg)
     own = net.state_dict()
     new: dict[str, torch.Tensor] = {}
     for k, v in sam.items():

@@ -74,6 +74,12 @@ class Attention(nn.Module):
         self.rel_pos_w = nn.Parameter(torch.zeros(rel_rows, head_dim))
         self._cache: tuple | None = None
 
+    def train(self, mode: bool = True) -> Attention:
+        # switching modes drops cached lookups, so tables edited in place through `.data`
+        # (which does not bump the tensor version) are never served stale
+        self._cache = None
+        return super().train(mode)
+
     def _lookups(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         ph, pw = self.rel_pos_h, self.rel_pos_w
         trainable = torch.is_grad_enabled() and (ph.requires_grad or pw.requires_grad)
