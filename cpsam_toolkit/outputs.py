@@ -185,7 +185,7 @@ def save_outlines_png(
     from PIL import Image
 
     rgb = outline_overlay(image, masks, color, channel_axis)
-    return write_atomic(path, lambda tmp: Image.fromarray(rgb, "RGB").save(tmp, format="PNG"))
+    return write_atomic(path, lambda tmp: Image.fromarray(rgb).save(tmp, format="PNG"))
 
 
 # --------------------------------------------------------------------------------------------
