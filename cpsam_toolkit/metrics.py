@@ -95,8 +95,11 @@ COUNT_NAMES: tuple[str, ...] = ("tp", "fp", "fn")
 
 Aggregation = Literal["mean_per_image", "pooled"]
 
-# above this many (true x pred) bins the pair counts are found by sorting instead of bincount
-_BINCOUNT_MAX_BINS = 1 << 24
+# up to this many (max true label + 1) x (max pred label + 1) bins (or one per pixel) the
+# contingency table is one dense bincount; beyond, labels are compacted and pairs counted
+# sparsely (bincount up to _BINCOUNT_MAX_BINS compact pairs, else sorting)
+_DENSE_MAX_BINS = 1 << 22
+_BINCOUNT_MAX_BINS = 1 << 22
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,6 +163,8 @@ def _as_labels(a: np.ndarray, name: str) -> np.ndarray:
         )
     if a.size and np.issubdtype(a.dtype, np.signedinteger) and a.min() < 0:
         raise ValueError(f"{name}: negative labels are not allowed (min {a.min()})")
+    if a.dtype == np.uint64 and (a.size == 0 or a.max() < 2**63):
+        return a.view(np.int64)  # same values; keeps index arithmetic in int64
     return a
 
 
@@ -190,6 +195,32 @@ def _compact(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return inverse + 1, uniq, counts.astype(np.int64)
 
 
+def _overlap_dense(tf: np.ndarray, pf: np.ndarray, mt: int, mp: int) -> Overlap:
+    """Overlap from one bincount over (true label, pred label) for small label values."""
+    key = tf.astype(np.int64)
+    key *= mp + 1
+    key += pf
+    table = np.bincount(key, minlength=(mt + 1) * (mp + 1)).reshape(mt + 1, mp + 1)
+    ta, pa = table.sum(axis=1)[1:], table.sum(axis=0)[1:]
+    present_t, present_p = ta > 0, pa > 0
+    inner = table[1:, 1:]
+    rows, cols = np.nonzero(inner)
+    inter = inner[rows, cols].astype(np.int64)
+    if not present_t.all():  # gaps in the labels: compact indices
+        rows = (np.cumsum(present_t) - 1)[rows]
+    if not present_p.all():
+        cols = (np.cumsum(present_p) - 1)[cols]
+    return Overlap(
+        (np.flatnonzero(present_t) + 1).astype(tf.dtype),
+        (np.flatnonzero(present_p) + 1).astype(pf.dtype),
+        ta[present_t].astype(np.int64),
+        pa[present_p].astype(np.int64),
+        rows.astype(np.int64),
+        cols.astype(np.int64),
+        inter,
+    )
+
+
 def label_overlap(masks_true: np.ndarray, masks_pred: np.ndarray) -> Overlap:
     """Sparse overlap (contingency) table of two label images of the same shape.
 
@@ -207,8 +238,13 @@ def label_overlap(masks_true: np.ndarray, masks_pred: np.ndarray) -> Overlap:
     p = _as_labels(masks_pred, "masks_pred")
     if t.shape != p.shape:
         raise ValueError(f"masks_true {t.shape} and masks_pred {p.shape} must have the same shape")
-    ti, true_labels, true_areas = _compact(t.ravel())
-    pi, pred_labels, pred_areas = _compact(p.ravel())
+    tf, pf = t.ravel(), p.ravel()
+    mt = int(tf.max()) if tf.size else 0
+    mp = int(pf.max()) if pf.size else 0
+    if (mt + 1) * (mp + 1) <= max(_DENSE_MAX_BINS, tf.size):
+        return _overlap_dense(tf, pf, mt, mp)
+    ti, true_labels, true_areas = _compact(tf)
+    pi, pred_labels, pred_areas = _compact(pf)
     n_t, n_p = true_labels.size, pred_labels.size
     empty = np.zeros(0, np.int64)
     if n_t == 0 or n_p == 0:
@@ -219,7 +255,7 @@ def label_overlap(masks_true: np.ndarray, masks_pred: np.ndarray) -> Overlap:
     key *= n_p
     key += pi[both]
     key -= 1
-    if n_t * n_p <= max(_BINCOUNT_MAX_BINS, 4 * key.size):
+    if n_t * n_p <= max(_BINCOUNT_MAX_BINS, key.size):
         counts = np.bincount(key, minlength=n_t * n_p)
         pairs = np.flatnonzero(counts)
         inter = counts[pairs].astype(np.int64)
@@ -549,6 +585,25 @@ def average_precision(
     return ap, tp, fp, fn
 
 
+def _cellpose_aji_pairs(ov: Overlap, iou: np.ndarray) -> np.ndarray:
+    """Pairs of the reference's assignment: most pairs with IoU >= 0.5, then most total IoU."""
+    hi = np.flatnonzero(iou >= 0.5)
+    r, c = ov.rows[hi], ov.cols[hi]
+    if np.unique(r).size == hi.size and np.unique(c).size == hi.size:
+        # disjoint pairs >= 0.5: every optimal assignment holds them all (one fewer costs 1,
+        # the IoU term is worth < 1/2 in total); the rest maximises IoU among the others
+        free_t = np.ones(ov.n_true, bool)
+        free_t[r] = False
+        free_p = np.ones(ov.n_pred, bool)
+        free_p[c] = False
+        lo = np.flatnonzero((iou > 0) & (iou < 0.5) & free_t[ov.rows] & free_p[ov.cols])
+        zero = np.zeros(lo.size)
+        return np.concatenate([hi, lo[_assign(ov.rows[lo], ov.cols[lo], iou[lo], 1.0, zero)]])
+    nz = np.flatnonzero(iou > 0)
+    scale = max(1, min(ov.n_true, ov.n_pred))
+    return nz[_assign(ov.rows[nz], ov.cols[nz], iou[nz], scale, (iou[nz] >= 0.5) * 1.0)]
+
+
 def aggregated_jaccard_index(
     masks_true: np.ndarray | Sequence[np.ndarray],
     masks_pred: np.ndarray | Sequence[np.ndarray],
@@ -579,11 +634,7 @@ def aggregated_jaccard_index(
             inter, union = _aji_standard(ov, iou)
         elif variant == "cellpose":
             union = int(ov.true_areas.sum() + ov.pred_areas.sum() - ov.intersections.sum())
-            # the reference scales the tie-break by min(max label) (gaps included)
-            n_min = min(int(np.asarray(t).max(initial=0)), int(np.asarray(p).max(initial=0)))
-            nz = np.flatnonzero(iou > 0)
-            sel = nz[_assign(ov.rows[nz], ov.cols[nz], iou[nz], max(n_min, 1), (iou[nz] >= 0.5) * 1.0)]
-            inter = int(ov.intersections[sel].sum())
+            inter = int(ov.intersections[_cellpose_aji_pairs(ov, iou)].sum())
         else:
             raise ValueError(f"variant must be 'standard' or 'cellpose', not {variant!r}")
         if union == 0:

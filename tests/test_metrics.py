@@ -10,6 +10,7 @@ from conftest import load_pair, stems
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage as ndi
+from scipy.optimize import linear_sum_assignment
 
 from cpsam_toolkit import metrics as M
 
@@ -127,13 +128,22 @@ def test_gapped_and_huge_labels(pairs):
     assert np.array_equal(M.average_precision(mg, pg, FINE_GRID)[1], base[1])
     ref = cm.average_precision(mg, pg, threshold=FINE_GRID)
     assert np.array_equal(ref[1], base[1])
-    # label values beyond any dense table (hash-based relabelling path)
-    mh = relabel(m, 3, offset=3_000_000_000).astype(np.uint64)
-    ph = relabel(p, 4, offset=2**40)
-    assert np.array_equal(M.average_precision(mh, ph, FINE_GRID)[1], base[1])
-    s0, s1 = M.matching(m, p, FINE_GRID), M.matching(mh, ph, FINE_GRID)
-    np.testing.assert_allclose(s1.pq, s0.pq)
-    assert s1.aji == pytest.approx(s0.aji)
+    for dt in (np.uint64, np.int32, np.uint32):
+        assert np.array_equal(M.average_precision(m.astype(dt), p.astype(np.uint64))[1], base[1][[9, 14, 17]])
+    # the three code paths: dense table, compacted labels + bincount, hash-based relabelling
+    s0 = M.matching(m, p, FINE_GRID)
+    for off_t, off_p, dt in ((0, 7, np.int32), (100_000, 0, np.uint32), (3_000_000_000, 2**40, np.uint64)):
+        mh = relabel(m, 3, offset=off_t).astype(dt)
+        ph = relabel(p, 4, offset=off_p)
+        assert np.array_equal(M.average_precision(mh, ph, FINE_GRID)[1], base[1])
+        s1 = M.matching(mh, ph, FINE_GRID)
+        np.testing.assert_allclose(s1.pq, s0.pq)
+        assert s1.aji == pytest.approx(s0.aji)
+        tl, pl, _ = M.match_pairs(mh, ph, 0.5)
+        assert tl.min() > off_t and pl.min() > off_p and tl.size == base[1][9]
+        ov = M.label_overlap(mh, ph)
+        assert np.array_equal(np.sort(ov.true_labels), np.unique(mh)[1:])
+        assert np.array_equal(ov.pred_areas, np.unique(ph, return_counts=True)[1][1:])
 
 
 def test_3d_volume_matches_reference(data_dir):
@@ -435,3 +445,12 @@ def test_property_agrees_with_reference(a, b):
     ours = M.average_precision(a, b, TH)
     for x, y in zip(ours[1:], ref[1:], strict=True):
         assert np.array_equal(x, y)
+    aji_ref = cm.aggregated_jaccard_index([a], [b])[0]
+    aji = M.aggregated_jaccard_index(a, b, variant="cellpose")
+    if aji != pytest.approx(aji_ref, rel=1e-12):  # only a tie: another assignment, same cost
+        iou, _, _ = M.iou_matrix(a, b)
+        cost = -(iou >= 0.5) - iou / (2 * min(iou.shape))
+        optimum = cost[linear_sum_assignment(cost)].sum()
+        ov = M.label_overlap(a, b)
+        sel = M._cellpose_aji_pairs(ov, ov.iou)
+        assert cost[ov.rows[sel], ov.cols[sel]].sum() == pytest.approx(optimum, abs=1e-12)
