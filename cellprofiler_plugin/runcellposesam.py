@@ -104,6 +104,8 @@ MODEL_CPSAM = "cpsam"
 MODEL_CPSAM_V2 = "cpsam_v2"
 MODEL_CUSTOM = "Custom model file"
 MODEL_CHOICES = [MODEL_DEFAULT, MODEL_CPSAM, MODEL_CPSAM_V2, MODEL_CUSTOM]
+#: registry name of the shipped model (cpsam_toolkit/models/cpsam_small.pt)
+SHIPPED_MODEL = "cpsam_toolkit_small"
 
 DEVICE_AUTO = "Automatic"
 DEVICE_CPU = "CPU"
@@ -221,6 +223,42 @@ def get_model(spec: str | None, device: str = "auto", dtype=None):
             )
             _MODEL_CACHE[key] = model
     return model, key
+
+
+_SHA_CACHE: dict[str, str] = {}
+
+
+def model_sha256(model) -> str:
+    """SHA-256 of the model's weights file (from ``model.info``, else hashed once per file)."""
+    info = getattr(model, "info", None) or {}
+    if info.get("sha256"):
+        return str(info["sha256"])
+    path = info.get("path")
+    if not path or not os.path.isfile(path):
+        return ""
+    try:
+        st = os.stat(path)
+        key = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+        if key not in _SHA_CACHE:
+            import hashlib
+
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            _SHA_CACHE[key] = h.hexdigest()
+        return _SHA_CACHE[key]
+    except OSError:
+        return ""
+
+
+def shipped_model_name() -> str:
+    """Registry name of the model shipped inside cpsam-toolkit."""
+    try:
+        from cpsam_toolkit.network.registry import DEFAULT_MODEL
+    except ImportError:
+        return SHIPPED_MODEL
+    return DEFAULT_MODEL
 
 
 def _is_out_of_memory(e: BaseException) -> bool:
@@ -390,7 +428,7 @@ class RunCellposeSAM(ImageSegmentation):
                 "stops with an error if there is no usable GPU (NVIDIA CUDA or Apple MPS).",
         )
         self.batch_size = Integer(
-            "Batch size", 8, minval=1, maxval=MAX_BATCH_SIZE,
+            "Batch size", 8,
             doc="How many 256x256 tiles go through the network at once. Larger is faster on a "
                 "GPU but needs more GPU memory; if the GPU runs out of memory the module "
                 "retries with smaller batches automatically (and logs a warning).",
@@ -410,7 +448,7 @@ class RunCellposeSAM(ImageSegmentation):
                 "increase it for fewer and smaller ones.",
         )
         self.min_size = Integer(
-            "Minimum object size (pixels)", 15, minval=0,
+            "Minimum object size (pixels)", 15,
             doc="Objects smaller than this many pixels (voxels in 3D) are discarded. 0 keeps "
                 "every object.",
         )
@@ -519,11 +557,13 @@ class RunCellposeSAM(ImageSegmentation):
                 names.append(self.channel3_name.value)
         return names
 
-    def model_spec(self, measurements=None) -> str | None:
-        """None (shipped default), a registered name, or the absolute path of a custom file."""
+    def model_spec(self, measurements=None) -> str:
+        """The shipped model's registry name, a registered name, or a custom file's path."""
         choice = self.model_choice.value
         if choice == MODEL_DEFAULT:
-            return None
+            # named explicitly: load_model(None) would prefer a downloaded cpsam_v2, so results
+            # would depend on what happens to be in the cache of each machine
+            return shipped_model_name()
         if choice == MODEL_CUSTOM:
             folder = self.model_directory.get_absolute_path(measurements)
             return os.path.join(folder, self.model_file_name.value)
@@ -874,8 +914,7 @@ class RunCellposeSAM(ImageSegmentation):
     @staticmethod
     def _model_strings(model, spec) -> tuple[str, str]:
         name = str(getattr(model, "name", None) or spec or "default")
-        info = getattr(model, "info", None) or {}
-        sha = str(info.get("sha256") or "")[:12] or "unknown"
+        sha = model_sha256(model)[:12] or "unknown"
         try:
             from importlib.metadata import version
 
