@@ -81,7 +81,8 @@ def validate_labels(masks: Any, name: str = "labels", image_shape: tuple[int, in
     return m.astype(np.int32)
 
 
-def prepare_image(image: Any, masks_shape: tuple[int, int], name: str = "image") -> np.ndarray:
+def prepare_image(image: Any, masks_shape: tuple[int, int], name: str = "image",
+                  labels_name: str = "its labels") -> np.ndarray:
     """Image -> normalised (C<=3, H, W) float32 (per-channel 1-99 percentile, as at inference).
 
     The channel axis is the one whose removal leaves the label shape; RGBA drops alpha.
@@ -97,8 +98,8 @@ def prepare_image(image: Any, masks_shape: tuple[int, int], name: str = "image")
         axis = None
     else:
         raise LabelError(
-            f"{name}: image shape {arr.shape} does not match its labels {tuple(masks_shape)}; "
-            "labels must have the image's Y, X size"
+            f"{labels_name}: label size {masks_shape[0]}x{masks_shape[1]} differs from the image "
+            f"size of {name} (shape {arr.shape}); labels must match their image pixel for pixel"
         )
     if axis is not None and arr.shape[axis] == 4:
         arr = np.take(arr, [0, 1, 2], axis=axis)  # RGBA -> RGB
@@ -284,7 +285,7 @@ class TrainingSet:
 
     def _add_one(self, image, masks, img_name, mask_name, min_masks, group) -> None:
         m = validate_labels(masks, mask_name)
-        img = prepare_image(image, m.shape, img_name)
+        img = prepare_image(image, m.shape, img_name, mask_name)
         s = Sample(img_name, img.astype(np.float16), m, None, group)
         if s.n_masks < max(min_masks, 1 if min_masks else 0):
             self.skipped.append(img_name)

@@ -310,6 +310,8 @@ def train(
     over = {k: v for k, v in dict(epochs=epochs, lr=lr, batch_size=batch_size,
                                   nimg_per_epoch=nimg_per_epoch, val_every=val_every,
                                   min_masks=min_masks).items() if v is not None}
+    if nimg_per_epoch is not None:  # an explicit number of images per epoch wins over the minimum
+        over["min_nimg_per_epoch"] = min(rec.min_nimg_per_epoch, nimg_per_epoch)
     rec = rec.replace(**over) if over else rec
     dev = resolve_device(device)
     if out is None and run_dir is None:
@@ -332,7 +334,7 @@ def train(
                            min_masks=rec.min_masks, cache_dir=cache_dir)
     va = (TrainingSet.build(val_data, img_suffix=img_suffix, mask_suffix=mask_suffix,
                             min_masks=1, cache_dir=cache_dir) if val_data is not None else None)
-    if tr.skipped and progress:
+    if tr.skipped:
         print(f"cpsam train: skipped {len(tr.skipped)} training images with < {rec.min_masks} masks",
               file=sys.stderr)
     tr.compute_flows(progress=progress)
@@ -370,10 +372,9 @@ def train(
         best_score = st["best_score"]
         if st.get("recipe") and Recipe.from_dict(st["recipe"]).epochs != rec.epochs and epochs is None:
             rec = rec.replace(epochs=Recipe.from_dict(st["recipe"]).epochs)
-        if progress:
-            print(f"cpsam train: resuming {run} after epoch {start} of {rec.epochs}", file=sys.stderr)
+        print(f"cpsam train: resuming {run} after epoch {start} of {rec.epochs}", file=sys.stderr)
         _write_log(log_path, history)
-    elif resume and progress:
+    elif resume:
         print(f"cpsam train: nothing to resume in {run}; starting a new run", file=sys.stderr)
 
     def validate(epoch: int, with_ap: bool) -> dict[str, Any]:
