@@ -606,6 +606,7 @@ def local_cluster(
     torch_threads: int | None = None,
     gpus: int | None = None,
     memory_limit: str | float | None = "auto",
+    silence_logs: int | bool = False,
 ):
     """A ``dask.distributed`` cluster of worker processes on this machine (127.0.0.1).
 
@@ -624,18 +625,19 @@ def local_cluster(
             gpus = 0
     if torch_threads is None:
         torch_threads = max(1, (os.cpu_count() or 1) // max(1, n_workers))
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": None}}
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": False}}
     workers = {}
     for i in range(n_workers):
         env = {"OMP_NUM_THREADS": str(torch_threads), "MKL_NUM_THREADS": str(torch_threads)}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
         opts: dict[str, Any] = {"nthreads": threads_per_worker, "host": "127.0.0.1", "env": env,
-                                "name": i, "dashboard_address": None}
+                                "name": i}
         if memory_limit is not None:
             opts["memory_limit"] = memory_limit
         workers[i] = {"cls": Nanny, "options": opts}
-    return SpecCluster(workers=workers, scheduler=scheduler, name="cpsam-local")
+    return SpecCluster(workers=workers, scheduler=scheduler, name="cpsam-local",
+                       silence_logs=silence_logs)
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from conftest import stems
 
 from cpsam_toolkit import outputs
 from cpsam_toolkit.cli import main
-from conftest import stems
 
 DSB = "dsb2018_stage1_train_fixed"
 

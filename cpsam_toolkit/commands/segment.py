@@ -194,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
               f"{str(model.dtype).replace('torch.', '')}", file=sys.stderr)
 
     client = cluster = None
+    torch_threads = args.torch_threads
     try:
         if distributed:
             from distributed import Client
@@ -201,8 +202,13 @@ def run(args: argparse.Namespace) -> int:
             if args.scheduler:
                 client = Client(args.scheduler)
             else:
+                import logging
+                import os
+
                 n = args.workers or _default_workers()
-                cluster = batch.local_cluster(n, args.threads_per_worker, args.torch_threads)
+                torch_threads = torch_threads or max(1, (os.cpu_count() or 1) // n)
+                cluster = batch.local_cluster(n, args.threads_per_worker, torch_threads,
+                                              silence_logs=logging.ERROR)
                 client = Client(cluster)
             print(f"dask: {len(client.scheduler_info().get('workers', {}))} workers "
                   f"({client.scheduler.address})", file=sys.stderr)
@@ -228,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
                 summary=Path(args.summary) if isinstance(args.summary, str) else args.summary,
                 overwrite=args.overwrite, device=args.device, dtype=args.dtype,
                 client=client, chunk_size=args.chunk_size,
-                torch_threads=args.torch_threads if args.scheduler else None,
+                torch_threads=torch_threads,
                 progress=show_bar, on_start=started, on_record=finished,
             )
         except batch.OutputDirError as e:

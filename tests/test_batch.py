@@ -1,0 +1,211 @@
+"""Plate runs: resume after SIGKILL, failure isolation inside the stream, the manifest, and
+Dask (a real LocalCluster of 2 processes on 127.0.0.1) giving the single-process result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import tifffile
+from test_cli_segment import make_plate, small_stems, temp_files, tiny_model  # noqa: F401
+
+from cpsam_toolkit import batch
+from cpsam_toolkit.cli import main
+
+DSB = "dsb2018_stage1_train_fixed"
+
+
+@contextmanager
+def torch_threads(n: int):
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def read_masks(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*_masks.tif"))}
+
+
+def manifest_lines(folder: Path) -> list[str]:
+    p = folder / "manifest.jsonl"
+    return [ln for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []
+
+
+# --------------------------------------------------------------------------------------------
+# units
+# --------------------------------------------------------------------------------------------
+def test_manifest_ignores_a_torn_last_line(tmp_path):
+    m = batch.Manifest(tmp_path)
+    m.append({"stem": "a", "status": "ok"})
+    with open(tmp_path / "manifest.jsonl", "a") as f:
+        f.write('{"stem": "b", "stat')  # a run killed in the middle of a line
+    m2 = batch.Manifest(tmp_path)
+    assert set(m2.entries) == {"a"}
+    m2.append({"stem": "c", "status": "ok"})
+    assert set(batch.Manifest(tmp_path).entries) == {"a", "c"}
+    lines = (tmp_path / "manifest.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["stem"] == "c"
+
+
+def test_job_stems_are_unique(tmp_path):
+    for rel in ("A01/img.tif", "A02/img.tif", "B/x.tif", "B/x.png", "y.tif"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    jobs = batch.make_jobs([tmp_path / r for r in ("A01/img.tif", "A02/img.tif", "B/x.tif",
+                                                    "B/x.png", "y.tif")])
+    names = [j.stem for j in jobs]
+    assert names[0] == "A01__img" and names[1] == "A02__img" and names[4] == "y"
+    assert len(set(names)) == len(names)
+
+
+def test_out_dir_lock(tmp_path):
+    with batch._folder_lock(tmp_path), pytest.raises(batch.OutputDirError, match="another"):
+        with batch._folder_lock(tmp_path):
+            pass
+
+
+# --------------------------------------------------------------------------------------------
+# failure isolation inside the network stream
+# --------------------------------------------------------------------------------------------
+class BreaksOnShape:
+    """A model whose stream fails on images of one shape (an error the pre-read checks miss)."""
+
+    def __init__(self, model, bad_rows: int):
+        self.model, self.bad_rows = model, bad_rows
+        self.name, self.info, self.dtype = model.name, model.info, model.dtype
+
+    def iter_segment(self, images, *args, **kwargs):
+        def check(it):
+            for img in it:
+                if img.shape[0] == self.bad_rows:
+                    raise RuntimeError("kernel failure on this image")
+                yield img
+
+        return self.model.iter_segment(check(images), *args, **kwargs)
+
+
+def test_error_inside_stream_is_pinned_on_its_image(tmp_path, data_dir, tiny_model):  # noqa: F811
+    from cpsam_toolkit.segment import NetOptions, load_model
+
+    good, _ = make_plate(data_dir, tmp_path / "plate", 5, broken=False)
+    img = tifffile.imread(tmp_path / "plate" / f"{good[0]}.tif")
+    tifffile.imwrite(tmp_path / "plate" / "m_bad.tif", img[:250, :250])
+    model = load_model(tiny_model)
+    net = NetOptions(batch_size=3)
+    with torch_threads(1):
+        rep = batch.run_plate(tmp_path / "plate", tmp_path / "out", BreaksOnShape(model, 250),
+                              net_options=net)
+        batch.run_plate([tmp_path / "plate" / f"{s}.tif" for s in good], tmp_path / "ref",
+                              model, net_options=net)
+    assert [Path(p).name for p, _ in rep.failed] == ["m_bad.tif"]
+    assert "kernel failure" in rep.failed[0][1]
+    assert sorted(rep.segmented) == sorted(good)
+    assert read_masks(tmp_path / "out") == read_masks(tmp_path / "ref")
+
+
+# --------------------------------------------------------------------------------------------
+# resume after SIGKILL
+# --------------------------------------------------------------------------------------------
+def _cli(plate: Path, out: Path, model: Path) -> list[str]:
+    return [sys.executable, "-m", "cpsam_toolkit", "segment", str(plate), "--out", str(out),
+            "--model", str(model), "--batch-size", "2", "--no-progress", "--save-outlines"]
+
+
+def test_sigkill_mid_plate_then_resume_is_byte_identical(tmp_path, data_dir, tiny_model):  # noqa: F811
+    n = 16
+    good, _ = make_plate(data_dir, tmp_path / "plate", n, broken=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    done = subprocess.run(_cli(tmp_path / "plate", ref, tiny_model), env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert len(read_masks(ref)) == n
+
+    proc = subprocess.Popen(_cli(tmp_path / "plate", out, tiny_model), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while len(manifest_lines(out)) < 3 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    finished_before = len(manifest_lines(out))
+    assert 3 <= finished_before < n, f"could not kill mid-plate ({finished_before} of {n} finished)"
+
+    resumed = subprocess.run(_cli(tmp_path / "plate", out, tiny_model), env=env, capture_output=True,
+                             text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr
+    skipped = int(resumed.stdout.split(" skipped")[0].split(", ")[-1])
+    assert skipped >= finished_before - 1  # the last manifest line may be torn by the kill
+    assert read_masks(out) == read_masks(ref)  # byte-identical
+    stems_done = {json.loads(ln)["stem"] for ln in manifest_lines(out) if ln.endswith("}")}
+    assert stems_done == set(good)
+    assert temp_files(out) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Dask
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                           dashboard_address=None, silence_logs=40)
+    c = Client(cluster)
+    yield c
+    c.close()
+    cluster.close()
+
+
+def test_dask_equals_single_process_and_loads_once_per_worker(tmp_path, data_dir, tiny_model, client):  # noqa: F811
+    from cpsam_toolkit.segment import load_model
+
+    good, bad = make_plate(data_dir, tmp_path / "plate", 8)
+    with torch_threads(1):
+        single = batch.run_plate(tmp_path / "plate", tmp_path / "single", load_model(tiny_model),
+                                 summary=True)
+    dist = batch.run_plate(tmp_path / "plate", tmp_path / "dask", str(tiny_model), client=client,
+                           chunk_size=2, torch_threads=1, summary=True)
+    assert sorted(dist.segmented) == sorted(single.segmented) == sorted(good)
+    assert sorted(Path(p).stem for p, _ in dist.failed) == sorted(bad)
+    assert read_masks(tmp_path / "dask") == read_masks(tmp_path / "single")
+    summary = (tmp_path / "dask" / "summary.csv").read_text()
+    assert summary == (tmp_path / "single" / "summary.csv").read_text()
+    assert dist.n_objects == single.n_objects
+    loads = client.run(batch.model_loads)
+    assert set(loads.values()) <= {0, 1} and sum(loads.values()) >= 1, loads
+
+    # a second plate on the same workers reuses their models
+    again = batch.run_plate(tmp_path / "plate", tmp_path / "dask2", str(tiny_model), client=client,
+                            chunk_size=3, torch_threads=1)
+    assert read_masks(tmp_path / "dask2") == read_masks(tmp_path / "single")
+    assert client.run(batch.model_loads) == loads
+    assert again.ok is False  # the broken files
+
+
+def test_cli_dask_local_cluster(tmp_path, data_dir, tiny_model, capsys):  # noqa: F811
+    good, _ = make_plate(data_dir, tmp_path / "plate", 4, broken=False)
+    with torch_threads(1):
+        assert main(["segment", str(tmp_path / "plate"), "--out", str(tmp_path / "single"),
+                     "--model", str(tiny_model), "--no-progress"]) == 0
+    rc = main(["segment", str(tmp_path / "plate"), "--out", str(tmp_path / "dask"), "--model",
+               str(tiny_model), "--no-progress", "--dask", "--workers", "2", "--torch-threads", "1"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "dask: 2 workers" in cap.err
+    assert "4 segmented" in cap.out
+    assert read_masks(tmp_path / "dask") == read_masks(tmp_path / "single")
