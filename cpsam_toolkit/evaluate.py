@@ -225,7 +225,9 @@ def evaluate_pairs(
     -------
     FolderEvaluation
     """
-    th = np.asarray(thresholds, dtype=np.float64)
+    th = np.atleast_1d(np.asarray(thresholds, dtype=np.float64))
+    if th.ndim != 1 or th.size == 0 or not np.all(th > 0):
+        raise ValueError(f"IoU thresholds must be a non-empty list of numbers > 0, got {thresholds!r}")
     images: list[ImageResult] = []
     errors: list[tuple[str, str]] = []
     for pair in pairs:

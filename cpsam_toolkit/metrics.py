@@ -33,7 +33,11 @@ Empty images (documented conventions)
       no ground truth but some predictions gives ``ap = f1 = pq = precision = 0`` and
       ``recall = error_rate = nan``; no prediction but some ground truth gives
       ``ap = f1 = pq = recall = 0``, ``error_rate = 1`` and ``precision = nan``;
-      ``sq`` is ``nan`` whenever ``tp == 0``.
+      ``sq`` is ``nan`` whenever ``tp == 0`` (unless both images are empty).
+
+Shapes: :func:`average_precision` returns ``(n_images, n_thresholds)`` arrays for a list or
+tuple of images and ``(n_thresholds,)`` for one array (2D or 3D), like the reference.
+Thresholds must be > 0.
 
 Aggregation over images is always explicit: ``"mean_per_image"`` (the mean of per-image scores
 ignoring ``nan``, the paper's convention) or ``"pooled"`` (scores of the summed counts, StarDist's
@@ -477,6 +481,8 @@ def _thresholds(thresholds: float | Sequence[float] | np.ndarray) -> np.ndarray:
     th = np.atleast_1d(np.asarray(thresholds, dtype=np.float64))
     if th.ndim != 1 or th.size == 0:
         raise ValueError(f"thresholds must be a number or a 1D sequence, got {thresholds!r}")
+    if not np.all(th > 0):  # at 0 any pair, even without overlap, would be a match
+        raise ValueError(f"IoU thresholds must be > 0, got {th.tolist()}")
     return th
 
 

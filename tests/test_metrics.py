@@ -302,6 +302,8 @@ def test_validation():
     with pytest.raises(ValueError, match="pooled"):
         M.aggregate([M.matching(a, a)], how="mean")
     assert M.matching(a.astype(bool), a).ap[0] == 1.0
+    with pytest.raises(ValueError, match="> 0"):
+        M.average_precision(a, a, [0.0, 0.5])
 
 
 # ------------------------------------------------------------------ aggregation and classes

@@ -11,6 +11,16 @@ from .. import metrics as M
 PROG = "cpsam evaluate"
 
 
+def _threshold(text: str) -> float:
+    try:
+        t = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < t <= 1:
+        raise argparse.ArgumentTypeError(f"IoU threshold must be in (0, 1], got {text}")
+    return t
+
+
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "evaluate",
@@ -38,7 +48,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--thresholds",
-        type=float,
+        type=_threshold,
         nargs="+",
         default=list(M.IOU_GRID),
         metavar="T",
