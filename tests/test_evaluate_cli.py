@@ -181,6 +181,9 @@ def test_cli_errors(folders, tmp_path, capsys):
     assert rc == 1 and "nothing to evaluate" in err and err.count("missing prediction") == 6
     rc, out, err = _run(capsys, "--pred", tmp_path / "nope", "--gt", gt)
     assert rc == 2 and "nope" in err
+    with pytest.raises(SystemExit) as e:  # argparse: usage error
+        main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--thresholds", "0", "0.5"])
+    assert e.value.code == 2 and "(0, 1]" in capsys.readouterr().err
 
 
 def test_cli_subprocess(folders, tmp_path):
