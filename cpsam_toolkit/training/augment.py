@@ -330,19 +330,27 @@ def to_grayscale(image: np.ndarray) -> np.ndarray:
 
 
 def degrade(image: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig = AugmentConfig(),
-            kind: str | None = None) -> tuple[np.ndarray, str]:
-    """Apply one degradation (random ``kind`` if None) with random level, then renormalise."""
+            kind: str | None = None, level: float | None = None,
+            axis: int | None = None) -> tuple[np.ndarray, str]:
+    """Apply one degradation (random ``kind`` if None) with random level, then renormalise.
+
+    ``level`` fixes the level instead of drawing it from ``cfg`` (mean photons for
+    ``"poisson"``, sigma for ``"blur"``, the factor for ``"downsample"`` and ``"anisotropic"``)
+    and ``axis`` fixes the anisotropic axis (0 = Y, 1 = X); the robustness report uses them.
+    """
     kind = DEGRADATIONS[rng.integers(len(DEGRADATIONS))] if kind is None else kind
     if kind == "poisson":
         lo, hi = cfg.poisson_photons
-        out = poisson_noise(image, float(np.exp(rng.uniform(np.log(lo), np.log(hi)))), rng)
+        photons = float(np.exp(rng.uniform(np.log(lo), np.log(hi)))) if level is None else float(level)
+        out = poisson_noise(image, photons, rng)
     elif kind == "blur":
-        out = gaussian_blur(image, float(rng.uniform(*cfg.blur_sigma)))
+        out = gaussian_blur(image, float(rng.uniform(*cfg.blur_sigma)) if level is None else float(level))
         out = poisson_noise(out, 120.0, rng)  # the paper adds a little shot noise to blurred images
     elif kind == "downsample":
-        out = downsample(image, float(rng.uniform(*cfg.downsample_factor)))
+        out = downsample(image, float(rng.uniform(*cfg.downsample_factor)) if level is None else float(level))
     elif kind == "anisotropic":
-        out = anisotropic_blur(image, float(rng.uniform(*cfg.aniso_factor)), int(rng.integers(2)))
+        factor = float(rng.uniform(*cfg.aniso_factor)) if level is None else float(level)
+        out = anisotropic_blur(image, factor, int(rng.integers(2)) if axis is None else int(axis))
     else:
         raise ValueError(f"unknown degradation {kind!r}; choose one of {DEGRADATIONS}")
     act = _active(image)
