@@ -293,6 +293,21 @@ class LabelEditor:
             self.label = lab
         return lab
 
+    def paint_mask(self, mask: np.ndarray, label: int | None = None, *, overwrite: bool = True) -> int:
+        """Paint every pixel of a boolean ``mask`` (same shape) with ``label`` (a lasso, a
+        polygon or a prompt result); ``overwrite=False`` protects other objects."""
+        m = np.asarray(mask, dtype=bool)
+        if m.shape != self.shape:
+            raise ValueError(f"mask of shape {m.shape} does not match the labels {self.shape}")
+        lab = self.label if label is None else int(label)
+        idx = np.flatnonzero(m.reshape(-1))
+        if not overwrite and lab != 0:
+            cur = self.labels.reshape(-1)[idx]
+            idx = idx[(cur == 0) | (cur == lab)]
+        if lab:
+            self.label = lab
+        return self._commit("paint" if lab else "erase", idx, lab)
+
     def set_labels(self, labels: np.ndarray, kind: str = "replace") -> int:
         """Replace the whole label image as one undoable edit (same shape)."""
         arr = np.asarray(labels)

@@ -197,6 +197,19 @@ class Finetuner(Panel):
 
         self.lr.value = get_recipe(change["new"]).lr
 
+    def set_split(self, train: Sequence[str] | None = None, val: Sequence[str] | None = None) -> None:
+        """Choose the training and validation images by name (None: every other image)."""
+        names = self.names
+        for n in [*(train or ()), *(val or ())]:
+            if n not in names:
+                raise ValueError(f"no image named {n!r}; images: {', '.join(names)}")
+        if val is None:
+            val = [n for n in names if n not in set(train or ())]
+        if train is None:
+            train = [n for n in names if n not in set(val)]
+        self.val_select.value = tuple(n for n in names if n in set(val))
+        self.train_select.value = tuple(n for n in names if n in set(train))
+
     def split(self) -> tuple[list[str], list[str]]:
         """The selected (training, validation) image names."""
         return list(self.train_select.value), list(self.val_select.value)
