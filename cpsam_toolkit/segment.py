@@ -252,8 +252,11 @@ class CellposeSAM:
         net: NetOptions = NetOptions(),
         names: Sequence[str] | None = None,
         progress: bool | Callable[[int], None] = False,
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield ``(flows (2,Y,X), cellprob (Y,X))`` per image; tiles batched across images."""
+        class_maps: bool = False,
+    ) -> Iterator[tuple[np.ndarray, ...]]:
+        """Yield ``(flows (2,Y,X), cellprob (Y,X))`` per image; tiles batched across images.
+
+        ``class_maps=True`` adds the ``(nout-3, Y, X)`` class maps of a panoptic network."""
         shapes: list[tuple[int, int]] = []
         scale = 30.0 / inputs.diameter if inputs.diameter else 1.0
         if scale <= 0 or not np.isfinite(scale):
@@ -289,7 +292,7 @@ class CellposeSAM:
             for i, y in enumerate(outs):
                 if y.shape[1:] != shapes[i]:
                     y = _resize(y, shapes[i])
-                yield y[-3:-1], y[-1]
+                yield (y[-3:-1], y[-1], y[:-3]) if class_maps else (y[-3:-1], y[-1])
         finally:
             if bar is not None:
                 bar.close()
@@ -308,8 +311,15 @@ class CellposeSAM:
         masks.validate()
         if masks.niter is None and inputs.diameter:
             masks = replace(masks, niter=max(1, int(200 * inputs.diameter / 30.0)))
-        for i, (flows, cellprob) in enumerate(self.iter_predict(images, inputs, net, names, progress)):
+        classes = self.net.cfg.class_names  # panoptic network: classes per object (panoptic.py)
+        for i, out in enumerate(self.iter_predict(images, inputs, net, names, progress, bool(classes))):
             name = names[i] if names is not None and i < len(names) else None
+            if classes:
+                from .panoptic import panoptic_result
+
+                yield panoptic_result(*out, classes, masks, name)
+                continue
+            flows, cellprob = out
             yield SegmentationResult(masks_from_flows(flows, cellprob, masks), flows, cellprob, masks, name)
 
     def segment(

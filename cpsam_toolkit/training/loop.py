@@ -103,12 +103,17 @@ def _torch_seed(seed: int, epoch: int) -> int:
 
 
 def make_batch(data: TrainingSet, idx: Sequence[int], rng: np.random.Generator,
-               aug: AugmentConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Augmented ``(images (B,3,S,S), flows (B,2,S,S), cellprob (B,S,S))`` float32 arrays."""
+               aug: AugmentConfig, masks_out: list | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Augmented ``(images (B,3,S,S), flows (B,2,S,S), cellprob (B,S,S))`` float32 arrays.
+
+    ``masks_out``: if a list, the augmented label crops are appended to it (for ``aux_loss``)."""
     xs, fs, cs = [], [], []
     for i in idx:
         s = data.samples[i]
         img, flw, msk = augment_sample(s.image, s.masks, data.flows(i), rng, aug)
+        if masks_out is not None:
+            masks_out.append(msk)
         xs.append(img)
         fs.append(flw)
         cs.append((msk > 0).astype(np.float32))
@@ -270,6 +275,7 @@ def train(
     cache_flows: bool = True,
     progress: bool = True,
     meta: dict[str, Any] | None = None,
+    aux_loss: Callable[[torch.Tensor, Sequence[int], list[np.ndarray]], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train (fine-tune, or from scratch) a Cellpose-SAM network.
 
@@ -303,6 +309,11 @@ def train(
         resumable and ``out`` receives the best/last weights so far.
     mix : dict
         Sampling weight of each group of a ``{group: source}`` training set.
+    aux_loss : callable
+        Extra training-loss term, called as ``aux_loss(y, indices, label_crops)`` with the
+        network output, the training-set indices of the batch and their augmented label crops;
+        its value is added to the segmentation loss (e.g. the class loss of
+        :func:`cpsam_toolkit.panoptic.train_panoptic`). Not part of the validation loss.
     """
     from ..device import resolve_device
 
@@ -448,11 +459,14 @@ def train(
                 if stop_event is not None and stop_event.is_set():
                     stopped = True
                     break
-                x, fl, cp = make_batch(tr, order[k : k + rec.batch_size], rng, rec.augment)
+                idx, crops = order[k : k + rec.batch_size], ([] if aux_loss is not None else None)
+                x, fl, cp = make_batch(tr, idx, rng, rec.augment, masks_out=crops)
                 x, fl, cp = (torch.from_numpy(a).to(dev) for a in (x, fl, cp))
                 with _autocast(dev):
                     y = net(x)
                 loss = loss_fn(y, fl, cp)
+                if aux_loss is not None:
+                    loss = loss + aux_loss(y, idx, crops)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if rec.grad_clip:
