@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -60,9 +59,17 @@ def start_network(model: str | None, seed: int = 0):
 def run(args) -> int:
     from ..training import train
 
-    if args.resume and not (args.out.parent / (args.out.name + ".run") / "state.pt").exists():
-        print(f"cpsam train: no run to resume for {args.out}; starting a new one", file=sys.stderr)
-    net, start = start_network(args.model, args.seed)
+    state = args.out.parent / (args.out.name + ".run") / "state.pt"
+    if args.resume and state.exists():
+        # the weights come from the saved state; only the network's size is needed here
+        import torch
+
+        from ..network import CPSAMNet, NetConfig
+
+        st = torch.load(state, map_location="cpu", weights_only=False)
+        net, start = CPSAMNet(NetConfig.from_dict(st["config"])), st.get("start_model", "resumed")
+    else:
+        net, start = start_network(args.model, args.seed)
     res = train(
         net, args.train, args.val, recipe=args.recipe, out=args.out, resume=args.resume,
         epochs=args.epochs, lr=args.lr, seed=args.seed, device=args.device, log=args.log,

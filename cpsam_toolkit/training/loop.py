@@ -408,7 +408,7 @@ def train(
             "version": STATE_VERSION, "net": {k: v.detach().cpu() for k, v in net.state_dict().items()},
             "optimizer": opt.state_dict(), "epoch": epoch_done, "history": history, "base": base,
             "best": best, "best_score": best_score, "recipe": rec.to_dict(), "seed": seed,
-            "rng": _rng_states(), "config": net.cfg.to_dict(),
+            "rng": _rng_states(), "config": net.cfg.to_dict(), "start_model": (meta or {}).get("start_model"),
         }, state_path)
 
     data_desc = {"train": tr.description, "n_train": len(tr), "val": va.description if va else None,

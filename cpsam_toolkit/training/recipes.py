@@ -144,8 +144,8 @@ RECIPES: dict[str, Recipe] = {
         min_nimg_per_epoch=8, min_masks=5, val_every=50, augment=FULL_AUGMENT,
     ),
     "shipped": Recipe(
-        name="shipped", lr=4e-4, epochs=100, batch_size=8, weight_decay=0.05, layer_drop=0.1,
-        warmup_epochs=5, schedule="steps", steps=((0.75, 0.25), (0.9, 0.05)),
+        name="shipped", lr=4e-4, epochs=60, batch_size=8, weight_decay=0.05, layer_drop=0.1,
+        warmup_epochs=3, schedule="steps", steps=((0.75, 0.25), (0.9, 0.05)),
         nimg_per_epoch=64, min_nimg_per_epoch=8, min_masks=1, grad_clip=1.0, val_every=10,
         augment=replace(FULL_AUGMENT, scale_range=(0.5, 2.0)),
     ),
