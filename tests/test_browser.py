@@ -1,0 +1,274 @@
+"""End to end in a real browser: JupyterLab + headless Chromium (Playwright) + the corrector.
+
+A JupyterLab server is started on 127.0.0.1 (free port, token, --no-browser) with a temporary
+root holding a small notebook; headless Chromium opens it, runs all cells, waits for the canvas
+widget, paints a stroke with the mouse, checks the canvas pixels and the hover read-out, presses
+the widget's Save button and reads the saved mask file; then undoes with ctrl+z on the canvas and
+saves again. Screenshots go to ``test-artifacts/browser/``.
+
+Needs /usr/bin/chromium (``scripts/install_browser.sh``) and the ``jupyter`` extra; skipped with
+the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts" / "browser"
+CHROMIUM = Path(os.environ.get("CPSAM_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+
+LABEL = 7
+GREY = 90
+H, W = 120, 160
+
+NOTEBOOK_CELLS = [
+    "import numpy as np\n"
+    "from cpsam_toolkit.widgets import Corrector\n"
+    f"image = np.full(({H}, {W}), {GREY}, np.uint8)\n"
+    "image[0, 0], image[-1, -1] = 0, 255   # so the display stretch keeps the grey level\n"
+    "c = Corrector([image], out_dir='.', names=['browser_test'], height=360)\n"
+    f"c.tools.value = 'brush'; c.label_id.value = {LABEL}; c.radius.value = 5\n"
+    "c.canvas.overlay = 'filled'; c.canvas.opacity = 1.0\n"
+    "c",
+]
+
+
+def _skip_reason() -> str | None:
+    if not CHROMIUM.exists():
+        return f"{CHROMIUM} is missing: run scripts/install_browser.sh (apt-get install chromium)"
+    for mod in ("playwright", "jupyterlab", "anywidget", "ipywidgets"):
+        try:
+            __import__(mod)
+        except ImportError:
+            return f"python package {mod!r} is missing (pip install 'cpsam-toolkit[jupyter,dev]' playwright)"
+    return None
+
+
+_reason = _skip_reason()
+if _reason:
+    pytestmark = [pytest.mark.browser, pytest.mark.skip(reason=_reason)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_notebook(path: Path) -> None:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in NOTEBOOK_CELLS]
+    nbformat.write(nb, path)
+
+
+@pytest.fixture(scope="module")
+def lab_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lab_root")
+    home = tmp_path_factory.mktemp("lab_home")
+    _write_notebook(root / "browser_test.ipynb")
+    settings = home / "settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)
+    (settings / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    port, token = _free_port(), secrets.token_hex(16)
+    env = dict(os.environ, HOME=str(home), JUPYTER_CONFIG_DIR=str(home / "config"),
+               JUPYTER_RUNTIME_DIR=str(home / "runtime"), JUPYTER_DATA_DIR=str(home / "data"),
+               JUPYTER_PATH=os.pathsep.join([str(Path(sys.prefix) / "share" / "jupyter")]),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+           f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+           "--LabApp.expose_app_in_browser=True", f"--LabApp.user_settings_dir={home / 'settings'}",
+           f"--LabApp.workspaces_dir={home / 'workspaces'}", "--LabApp.extension_manager=readonly"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-root")
+    log = open(home / "server.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"jupyter lab exited: {(home / 'server.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"jupyter lab did not start: {(home / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield {"url": url, "token": token, "root": root, "log": home / "server.log"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(home / "server.log", ARTIFACTS / "jupyterlab-server.log")
+
+
+def _label_rgb(label: int) -> np.ndarray:
+    """The canvas's colour of a label (same formula as the JavaScript)."""
+    h = (label * 0.6180339887498949) % 1
+    return np.round(np.array(colorsys.hsv_to_rgb(h, 0.75, 1.0)) * 255)
+
+
+def _canvas_pixel(page, canvas, fx: float, fy: float) -> np.ndarray:
+    """RGB of the canvas at a fraction (fx, fy) of its CSS box."""
+    return np.array(canvas.evaluate(
+        """(c, [fx, fy]) => {
+            const x = Math.floor(c.width * fx), y = Math.floor(c.height * fy);
+            const d = c.getContext('2d').getImageData(x, y, 1, 1).data;
+            return [d[0], d[1], d[2]];
+        }""", [fx, fy]), dtype=float)
+
+
+def _image_to_screen(box: dict, y: float, x: float) -> tuple[float, float]:
+    """Screen position of image pixel (y, x) for the canvas's fitted view."""
+    s = min(box["width"] / W, box["height"] / H)
+    ox = box["x"] + (box["width"] - W * s) / 2
+    oy = box["y"] + (box["height"] - H * s) / 2
+    return ox + (x + 0.5) * s, oy + (y + 0.5) * s
+
+
+def test_paint_save_undo_in_jupyterlab(lab_server):
+    import tifffile
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    root: Path = lab_server["root"]
+    mask_file = root / "browser_test_masks.tif"
+    console: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+            page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+            page.goto(f"{lab_server['url']}/lab/tree/browser_test.ipynb?token={lab_server['token']}",
+                      timeout=180_000)
+            page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell "
+                                   "&& window.jupyterapp.shell.currentWidget "
+                                   "&& window.jupyterapp.shell.currentWidget.sessionContext",
+                                   timeout=180_000)
+            page.wait_for_function("() => { const s = window.jupyterapp.shell.currentWidget.sessionContext;"
+                                   " return s.session && s.session.kernel && "
+                                   "s.session.kernel.connectionStatus === 'connected'; }", timeout=180_000)
+            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+
+            canvas = page.locator(".cpsam-wrap canvas").first
+            canvas.wait_for(state="visible", timeout=180_000)
+            page.get_by_text("tool: brush").first.wait_for(timeout=60_000)
+            canvas.scroll_into_view_if_needed()
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(ARTIFACTS / "1-rendered.png"))
+            box = canvas.bounding_box()
+            assert box and box["width"] > 100 and box["height"] > 100, box
+
+            # background before painting: the grey image
+            y_mid, x0, x1 = 60, 40, 120
+            fx = lambda x: (_image_to_screen(box, y_mid, x)[0] - box["x"]) / box["width"]  # noqa: E731
+            fy = (_image_to_screen(box, y_mid, 80)[1] - box["y"]) / box["height"]
+            before = _canvas_pixel(page, canvas, fx(80), fy)
+            assert np.all(np.abs(before - GREY) < 12), before
+
+            # paint a horizontal stroke with the mouse
+            sx, sy = _image_to_screen(box, y_mid, x0)
+            ex, _ = _image_to_screen(box, y_mid, x1)
+            page.mouse.move(sx, sy)
+            page.mouse.down()
+            for k in range(1, 21):
+                page.mouse.move(sx + (ex - sx) * k / 20, sy)
+            page.mouse.up()
+            # the kernel applies the stroke and sends the labels back: the canvas redraws them
+            page.get_by_text("1 objects").first.wait_for(timeout=60_000)
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(ARTIFACTS / "2-painted.png"))
+            after = _canvas_pixel(page, canvas, fx(80), fy)
+            colour = _label_rgb(LABEL)
+            assert np.abs(after - colour).max() < 16, (after, colour)
+            outside = _canvas_pixel(page, canvas, fx(80), (_image_to_screen(box, 100, 80)[1] - box["y"])
+                                    / box["height"])
+            assert np.all(np.abs(outside - GREY) < 12), outside
+
+            # hover read-out (client-side, from the object table the kernel sent)
+            hx, hy = _image_to_screen(box, y_mid, 80)
+            page.mouse.move(hx, hy)
+            tip = page.locator(".cpsam-tip")
+            tip.wait_for(state="visible", timeout=10_000)
+            assert f"object {LABEL}" in tip.inner_text()
+            page.screenshot(path=str(ARTIFACTS / "3-hover.png"))
+
+            # the widget's Save button writes the masks next to the notebook
+            page.locator("button.jupyter-button", has_text="Save").first.click()
+            page.get_by_text("saved browser_test_masks.tif").first.wait_for(timeout=60_000)
+            deadline = time.time() + 30
+            while not mask_file.exists() and time.time() < deadline:
+                time.sleep(0.2)
+            saved = tifffile.imread(mask_file)
+            assert saved.shape == (H, W)
+            assert set(np.unique(saved)) == {0, LABEL}
+            assert saved[y_mid, 80] == LABEL and saved[y_mid, x0] == LABEL and saved[y_mid, x1] == LABEL
+            assert saved[y_mid + 4, 80] == LABEL and saved[y_mid + 7, 80] == 0  # radius 5
+            assert saved[y_mid, x0 - 7] == 0 and saved[y_mid, x1 + 7] == 0
+            area = int((saved == LABEL).sum())
+            assert 800 < area < 1100, area  # ~ 80 x 11 capsule
+            page.screenshot(path=str(ARTIFACTS / "4-saved.png"))
+
+            # keyboard undo on the focused canvas reaches the kernel, then save again
+            canvas.click(position={"x": 5, "y": 5}, button="right")  # focus without painting
+            canvas.focus()
+            page.keyboard.press("Control+z")
+            page.get_by_text("0 objects").first.wait_for(timeout=60_000)
+            page.locator("button.jupyter-button", has_text="Save").first.click()
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                if tifffile.imread(mask_file).max() == 0:
+                    break
+                time.sleep(0.3)
+            assert tifffile.imread(mask_file).max() == 0
+
+            # tool shortcuts go to the canvas, not to JupyterLab ("d d" would delete the cell)
+            canvas.focus()
+            page.keyboard.press("d")
+            page.keyboard.press("d")
+            page.get_by_text("tool: delete").first.wait_for(timeout=30_000)
+            assert page.locator(".jp-Notebook .jp-Cell").count() == 1
+            canvas.scroll_into_view_if_needed()
+            page.wait_for_timeout(300)
+            page.screenshot(path=str(ARTIFACTS / "5-undone.png"))
+        except Exception:
+            try:
+                page.screenshot(path=str(ARTIFACTS / "failure.png"))
+            finally:
+                (ARTIFACTS / "console.log").write_text("\n".join(console))
+            raise
+        finally:
+            (ARTIFACTS / "console.log").write_text("\n".join(console))
+            browser.close()
