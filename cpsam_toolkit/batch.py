@@ -475,6 +475,8 @@ def segment_jobs(
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as e:  # noqa: BLE001
+                if not inflight:  # not caused by an image (e.g. invalid options): give up
+                    raise
                 # an image in flight broke the stream: find it by running them one by one
                 log.info("stream error (%s); re-running %d images singly", e, len(inflight))
                 for job, img, t0 in list(inflight):

@@ -209,3 +209,12 @@ def test_cli_dask_local_cluster(tmp_path, data_dir, tiny_model, capsys):  # noqa
     assert "dask: 2 workers" in cap.err
     assert "4 segmented" in cap.out
     assert read_masks(tmp_path / "dask") == read_masks(tmp_path / "single")
+
+
+def test_invalid_options_raise_instead_of_looping(tmp_path, data_dir, tiny_model):  # noqa: F811
+    from cpsam_toolkit.segment import InputOptions
+
+    make_plate(data_dir, tmp_path / "plate", 2, broken=False)
+    with pytest.raises(ValueError, match="diameter"):
+        batch.run_plate(tmp_path / "plate", tmp_path / "out", str(tiny_model),
+                        input_options=InputOptions(diameter=-3))
