@@ -102,7 +102,7 @@ of the box and for tests, notebooks and demos. For real work use the official `c
 | training | recipe `shipped` (see `cpsam_toolkit/training/recipes.py`): AdamW lr 4e-4, weight decay 0.05, batch 8, {epochs} epochs of 64 images, warm-up 3 epochs, lr x0.25 at 75% and x0.05 at 90% of the epochs, gradient clipping 1.0, layer drop 0.1, seed 0 |
 | augmentation | paper's whole-data set augmentations: rotation, flips, scale log-uniform 0.5-2 (narrowed from 0.25-4), 256x256 crops, grayscale 10%, inversion 25%, third-channel drop 10%, channel permutation, brightness/contrast jitter, degradations on 50% (Poisson noise, blur, downsampling, anisotropic blur) |
 | sampling | per epoch {mix} (fraction of images drawn from each set) |
-| checkpoint | best validation AP@0.5 (mean over the three sets) — epoch {best_epoch} of {epochs_done} trained so far |
+| checkpoint | best {criterion} — after epoch {best_epoch} of {epochs_done} trained so far |
 | status | {status} |
 
 ## Data and licences
@@ -114,7 +114,7 @@ of the box and for tests, notebooks and demos. For real work use the official `c
 | CoNSeP H&E nuclei, 256x256 patches (`consep_patches256`) | {n_cs_tr} / {n_cs_va} (validation = all 16 patches of source tile {tile}) | Apache-2.0 |
 
 The validation split is fixed and seeded (seed 0): `shipped_split.json` in this folder lists every
-image id. Images with no masks are kept (min_masks = 1). The sets' own `test/` splits were not used.
+image id. Training images without any mask are skipped (min_masks = 1). The sets' own `test/` splits were not used.
 
 ## Validation (AP@0.5, mean over images, default settings: no resizing, flow threshold 0.4, cellprob 0)
 
@@ -181,6 +181,8 @@ def export(run: Path, dest: Path = MODELS / "cpsam_small.pt") -> None:
         neck_width=c.neck_width, params=sum(p.numel() for p in net.parameters()) / 1e6,
         epochs=rec.epochs, mix=", ".join(f"{k} {v:.0%}" for k, v in MIX.items()),
         best_epoch=meta.get("epochs"), epochs_done=done,
+        criterion=("validation AP@0.5 (mean over the three sets)" if (meta.get("val") or {}).get("val_ap50")
+                   is not None else "validation loss (AP@0.5 validation was not available in this run yet)"),
         status=("training finished" if done >= rec.epochs else
                 f"training in progress ({done}/{rec.epochs} epochs); this file is refreshed as it goes"),
         n_dsb_tr=len(split["train"]["dsb2018"]), n_dsb_va=len(split["val"]["dsb2018"]),

@@ -98,6 +98,30 @@ def test_bad_labels_give_clear_errors(tmp_path, data_dir):
         TrainingSet.build(few, min_masks=5)
 
 
+# ----------------------------------------------------------------------------- recipes
+
+
+def test_recipes_follow_the_paper_schedules():
+    from cpsam_toolkit.training import get_recipe
+
+    ft = get_recipe("finetune")
+    assert (ft.lr, ft.epochs, ft.batch_size, ft.weight_decay, ft.layer_drop) == (1e-5, 100, 1, 0.1, 0.4)
+    lrs = [ft.lr_at(e) for e in range(100)]
+    assert lrs[0] == pytest.approx(1e-6) and lrs[9] == pytest.approx(1e-5)  # linear warm-up
+    assert lrs[49] == pytest.approx(1e-5) and lrs[50] == pytest.approx(5e-6)  # halving starts
+    assert lrs[59] == pytest.approx(5e-6) and lrs[60] == pytest.approx(2.5e-6)  # every 10 epochs
+    assert lrs[99] == pytest.approx(1e-5 / 32)
+    assert ft.augment.scale_range == (0.75, 1.25) and ft.augment.degrade_p == 0
+    full = get_recipe("full")
+    lrs = [full.lr_at(e) for e in range(2000)]
+    assert lrs[1899] == pytest.approx(5e-5) and lrs[1900] == pytest.approx(5e-6)
+    assert lrs[1950] == pytest.approx(5e-7)
+    assert full.augment.scale_range == (0.25, 4.0) and full.augment.scale_dist == "loguniform"
+    assert Recipe.from_dict(full.to_dict()) == full
+    with pytest.raises(ValueError, match="unknown recipe"):
+        get_recipe("nope")
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -151,7 +175,7 @@ def test_cli_run_survives_sigkill_and_resumes(tmp_path, data_dir):
     folder = write_folder(tmp_path / "train", small_pairs(data_dir, 2))
     out = tmp_path / "model.pt"
     cmd = [sys.executable, "-m", "cpsam_toolkit", "train", "--train", str(folder), "--model", "tiny",
-           "--out", str(out), "--epochs", "6", "--nimg-per-epoch", "2", "--batch-size", "1",
+           "--out", str(out), "--epochs", "4", "--nimg-per-epoch", "2", "--batch-size", "1",
            "--lr", "1e-3", "--quiet", "--seed", "1"]
     state = out.with_name(out.name + ".run") / "state.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -172,16 +196,16 @@ def test_cli_run_survives_sigkill_and_resumes(tmp_path, data_dir):
         if p.poll() is None:
             p.kill()
     saved = torch.load(state, weights_only=False)["epoch"]
-    assert 1 <= saved < 6 and not out.exists()
+    assert 1 <= saved < 4 and not out.exists()
     r = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"resuming {state.parent} after epoch {saved} of 6" in r.stderr
+    assert f"resuming {state.parent} after epoch {saved} of 4" in r.stderr
     log = [json.loads(s) for s in (state.parent / "log.jsonl").read_text().splitlines()]
     epochs = [row["epoch"] for row in log if not row.get("summary")]
-    assert epochs == [0, 1, 2, 3, 4, 5]  # each epoch exactly once, none repeated or lost
+    assert epochs == [0, 1, 2, 3]  # each epoch exactly once, none repeated or lost
     assert next(row for row in log if row.get("epoch") == saved)["resumed_from"] == saved
     net, meta = load_checkpoint(out)
-    assert meta["epochs"] == 6 and meta["start_model"] == "preset:tiny"
+    assert meta["epochs"] == 4 and meta["start_model"] == "preset:tiny"
 
 
 # ----------------------------------------------------------------------------- shipped model
