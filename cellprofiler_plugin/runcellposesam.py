@@ -662,17 +662,29 @@ class RunCellposeSAM(ImageSegmentation):
             f"{C_CELLPOSESAM}_{FTR_MODEL_VERSION}_{obj}",
         ]
 
+    def _class_features(self) -> list[str]:
+        """Per-object class features when the model has classes (cpsam_toolkit.panoptic)."""
+        try:
+            from cpsam_toolkit.panoptic import measurement_features, model_class_names
+
+            names = model_class_names(self.model_spec())
+        except Exception:  # noqa: BLE001 - no toolkit / no file: nothing to declare
+            return []
+        return measurement_features(names) if names else []
+
     def get_measurement_columns(self, pipeline, object_name=None):
         columns = list(super().get_measurement_columns(pipeline))
         columns += [(IMAGE, name, COLTYPE_MODEL_STRING) for name in self._image_features()]
+        obj = self.y_name.value
         if self.wants_confidence:
-            obj = self.y_name.value
             columns += [(obj, M_MEAN_CELLPROB, COLTYPE_FLOAT), (obj, M_FLOW_ERROR, COLTYPE_FLOAT)]
+        columns += [(obj, f"{C_CELLPOSESAM}_{f}", COLTYPE_FLOAT) for f in self._class_features()]
         return columns
 
     def get_categories(self, pipeline, object_name):
         categories = list(super().get_categories(pipeline, object_name))
-        if object_name == IMAGE or (object_name == self.y_name.value and self.wants_confidence):
+        if object_name == IMAGE or (object_name == self.y_name.value and (
+                self.wants_confidence or self._class_features())):
             categories.append(C_CELLPOSESAM)
         return categories
 
@@ -680,8 +692,9 @@ class RunCellposeSAM(ImageSegmentation):
         if category == C_CELLPOSESAM:
             if object_name == IMAGE:
                 return [FTR_MODEL, FTR_MODEL_VERSION]
-            if object_name == self.y_name.value and self.wants_confidence:
-                return [FTR_MEAN_CELLPROB, FTR_FLOW_ERROR]
+            if object_name == self.y_name.value:
+                conf = [FTR_MEAN_CELLPROB, FTR_FLOW_ERROR] if self.wants_confidence else []
+                return conf + self._class_features()
             return []
         return super().get_measurements(pipeline, object_name, category)
 
@@ -764,7 +777,8 @@ class RunCellposeSAM(ImageSegmentation):
             results = segment_with_fallback(model, planes, key, bs, **kwargs)
             masks = np.zeros(data.shape[:3], np.int64)
             cellprob = np.zeros(data.shape[:3], np.float32)
-            objs: dict[str, list] = {"label": [], "mean_cellprob": [], "flow_error": []}
+            objs: dict[str, list] = {"label": [], "mean_cellprob": [], "flow_error": [],
+                                     "class_id": []}
             offset = 0
             for z, res in enumerate(results):
                 m = np.asarray(res.masks).astype(np.int64)
@@ -773,7 +787,7 @@ class RunCellposeSAM(ImageSegmentation):
                 o = getattr(res, "objects", None) or {}
                 if "label" in o:
                     objs["label"].append(np.asarray(o["label"], np.int64) + offset)
-                    for f in ("mean_cellprob", "flow_error"):
+                    for f in ("mean_cellprob", "flow_error", "class_id"):
                         v = o.get(f)
                         objs[f].append(np.full(len(o["label"]), np.nan) if v is None
                                        else np.asarray(v, np.float64))
@@ -876,6 +890,16 @@ class RunCellposeSAM(ImageSegmentation):
                 flow_error = np.full(len(old_labels), np.nan)
             m.add_measurement(obj, M_MEAN_CELLPROB, mean_cellprob.astype(np.float64))
             m.add_measurement(obj, M_FLOW_ERROR, flow_error.astype(np.float64))
+
+        net_cfg = getattr(getattr(model, "net", None), "cfg", None)
+        classes = tuple(getattr(net_cfg, "class_names", ())[1:])
+        if classes:  # panoptic model: the class of each object (cpsam_toolkit.panoptic)
+            from cpsam_toolkit.panoptic import measurement_values
+
+            ids = _per_object(lib_objects, "class_id", old_labels)
+            ids = np.full(len(old_labels), np.nan) if ids is None else ids
+            for f, v in measurement_values(ids, classes).items():
+                m.add_measurement(obj, f"{C_CELLPOSESAM}_{f}", v)
 
         if self.save_probabilities:
             prob = sigmoid(cellprob)

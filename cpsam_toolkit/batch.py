@@ -319,6 +319,10 @@ def write_outputs(
     """Write all requested outputs of one image (each atomically); return its record."""
     o = settings.outputs
     written: list[Path] = [out.save_masks(out.output_path(out_dir, job.stem, "masks"), res.masks)]
+    if getattr(res, "class_names", None):  # panoptic model: {label: class} (cpsam_toolkit.panoptic)
+        from .panoptic import save_classes_json
+
+        written.append(save_classes_json(out_dir / f"{job.stem}_classes.json", res))
     if o.flows:
         written += out.save_flows(out_dir / job.stem, res)
     if o.outlines:

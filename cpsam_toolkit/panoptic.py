@@ -69,6 +69,8 @@ __all__ = [
     "is_panoptic",
     "load_panoptic",
     "make_panoptic",
+    "measurement_features",
+    "measurement_values",
     "model_class_names",
     "object_classes",
     "panoptic_result",
@@ -760,6 +762,27 @@ def save_classes_json(path: str | os.PathLike, result: PanopticResult) -> Path:
 
     text = json.dumps({str(k): v for k, v in result.class_dict.items()}, indent=1) + "\n"
     return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def measurement_features(class_names: Sequence[str]) -> list[str]:
+    """Per-object feature names for the classes (used by the CellProfiler module, after its
+    ``CellposeSAM_`` category): ``ClassNumber`` (1..K) and one 0/1 ``Class_<name>`` per class
+    (names reduced to letters, digits and ``_``)."""
+    import re
+
+    return ["ClassNumber", *[f"Class_{re.sub(r'[^0-9A-Za-z_]', '_', n)}" for n in class_names]]
+
+
+def measurement_values(class_ids: np.ndarray, class_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """``{feature: (N,) float64}`` for :func:`measurement_features` from per-object class
+    numbers (1..K; NaN or 0 where unknown, which gives NaN in every feature)."""
+    ids = np.asarray(class_ids, dtype=np.float64).ravel()
+    known = np.isfinite(ids) & (ids > 0)
+    feats = measurement_features(class_names)
+    out = {feats[0]: np.where(known, ids, np.nan)}
+    for k, f in enumerate(feats[1:], start=1):
+        out[f] = np.where(known, (ids == k).astype(np.float64), np.nan)
+    return out
 
 
 # ============================================================================================

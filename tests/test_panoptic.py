@@ -282,3 +282,93 @@ def test_few_steps_lower_the_class_loss(tmp_path):
     back, meta = load_checkpoint(tmp_path / "run" / "last.pt")
     assert back.cfg.class_names == ("background", *NAMES)
     assert meta["class_names"] == list(NAMES) and len(meta["class_weights"]) == 5
+
+
+# ----------------------------------------------------------------------------- hooks
+
+
+def _grid_panoptic_model(path: Path, winner: int = 2) -> Path:
+    """The CellProfiler tests' exact grid model with class maps; class ``winner`` wins everywhere
+    inside objects (a +1 bias over the other classes)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_cp_testing", Path(__file__).resolve().parents[1] / "cellprofiler_plugin" / "_testing.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    grid = mod.make_grid_model(path.with_name("grid_plain.pt"))
+    net = P.make_panoptic(load_checkpoint(grid)[0], ["a", "b", "c"])
+    p2 = net.cfg.patch**2
+    with torch.no_grad():
+        net.out.bias[winner * p2 : (winner + 1) * p2] += 1.0
+    save_checkpoint(net, path)
+    return path
+
+
+def test_cli_segment_writes_classes_json(tmp_path):
+    import tifffile
+
+    from cpsam_toolkit.cli import main
+
+    model = _grid_panoptic_model(tmp_path / "pan.pt")
+    plate = tmp_path / "plate"
+    plate.mkdir()
+    img = np.random.default_rng(0).random((128, 128)).astype(np.float32)
+    tifffile.imwrite(plate / "well_a1.tif", img)
+    out = tmp_path / "out"
+    assert main(["segment", str(plate), "--out", str(out), "--model", str(model), "--no-progress"]) == 0
+    masks = tifffile.imread(out / "well_a1_masks.tif")
+    classes = P.read_classes(out / "well_a1_classes.json")
+    assert masks.max() > 0
+    assert set(classes) == set(range(1, int(masks.max()) + 1))
+    assert set(classes.values()) == {"b"}
+
+
+def test_cellprofiler_module_adds_class_measurements(tmp_path):
+    pytest.importorskip("cellprofiler_core")
+    import sys
+
+    import cellprofiler_core.preferences as cpprefs
+
+    plugin_dir = Path(__file__).resolve().parents[1] / "cellprofiler_plugin"
+    cpprefs.set_headless()
+    cpprefs.set_plugin_directory(str(plugin_dir), globally=False)
+    import cellprofiler_core.modules  # noqa: F401
+    from cellprofiler_core.constants.measurement import IMAGE
+    from cellprofiler_core.image import Image
+    from cellprofiler_core.measurement import Measurements
+    from cellprofiler_core.object import ObjectSet
+    from cellprofiler_core.pipeline import Pipeline
+    from cellprofiler_core.utilities.core.modules import instantiate_module
+    from cellprofiler_core.workspace import Workspace
+
+    sys.path.insert(0, str(plugin_dir))
+    import runcellposesam as rcs
+
+    model = _grid_panoptic_model(tmp_path / "pan_cp.pt", winner=3)
+    module = instantiate_module("RunCellposeSAM")
+    module.set_module_num(1)
+    module.x_name.value, module.y_name.value = "DNA", "Nuclei"
+    module.model_choice.value = rcs.MODEL_CUSTOM
+    module.model_directory.value = module.model_directory.static_join_string(
+        rcs.ABSOLUTE_FOLDER_NAME, str(model.parent))
+    module.model_file_name.value = model.name
+    module.device.value = rcs.DEVICE_CPU
+    pipeline = Pipeline()
+    pipeline.add_module(module)
+    m = Measurements()
+    m.add("DNA", Image(np.random.default_rng(1).random((64, 64)).astype(np.float32), convert=False))
+    ws = Workspace(pipeline, module, m, ObjectSet(), m, None)
+    module.run(ws)
+    declared = {(o, f) for o, f, *_ in module.get_measurement_columns(pipeline)}
+    produced = {(IMAGE, f) for f in m.get_feature_names(IMAGE)} | {
+        ("Nuclei", f) for f in m.get_feature_names("Nuclei")}
+    assert declared == produced
+    feats = ["CellposeSAM_ClassNumber", "CellposeSAM_Class_a", "CellposeSAM_Class_b", "CellposeSAM_Class_c"]
+    assert {("Nuclei", f) for f in feats} <= declared
+    assert "Class_c" in module.get_measurements(pipeline, "Nuclei", "CellposeSAM")
+    n = int(ws.object_set.get_objects("Nuclei").segmented.max())
+    assert n > 0
+    np.testing.assert_array_equal(m.get_current_measurement("Nuclei", feats[0]), np.full(n, 3.0))
+    np.testing.assert_array_equal(m.get_current_measurement("Nuclei", feats[3]), np.ones(n))
+    np.testing.assert_array_equal(m.get_current_measurement("Nuclei", feats[1]), np.zeros(n))
