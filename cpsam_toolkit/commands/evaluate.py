@@ -1,4 +1,8 @@
-"""``cpsam evaluate``: score predicted label images against ground truth (thin adapter)."""
+"""``cpsam evaluate``: score predicted label images against ground truth (thin adapter).
+
+``cpsam evaluate --robustness`` instead segments ground-truth images under the perturbations of
+the Cellpose-SAM paper (see :mod:`cpsam_toolkit.robustness`).
+"""
 
 from __future__ import annotations
 
@@ -32,8 +36,8 @@ def register(subparsers) -> argparse.ArgumentParser:
             "AP = TP/(TP+FP+FN); error rate = (FP+FN)/(TP+FN)."
         ),
     )
-    p.add_argument("--pred", required=True, metavar="DIR", help="folder of predicted labels")
-    p.add_argument("--gt", required=True, metavar="DIR", help="folder of ground-truth labels")
+    p.add_argument("--pred", metavar="DIR", help="folder of predicted labels (not with --robustness)")
+    p.add_argument("--gt", metavar="DIR", help="folder of ground-truth labels (not with --robustness)")
     p.add_argument(
         "--pred-suffix",
         default=E.DEFAULT_SUFFIX,
@@ -73,10 +77,78 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--plot", metavar="FILE.png", help="write a figure: AP and error rate vs IoU, per-image error rates"
     )
-    # Future: a --robustness flag will degrade the inputs, segment them, and evaluate per
-    # condition through E.evaluate_pairs + E.summarize(key=...); not implemented here.
+    _add_robustness_arguments(p)
     p.set_defaults(func=run)
+    p.set_defaults(_parser=p)
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return v
+
+
+#: cpsam_toolkit.robustness.FAMILIES (repeated so that building the parser does not import torch)
+ROBUSTNESS_FAMILIES = ("channels", "size", "poisson", "blur", "downsample", "anisotropic")
+
+
+def _add_robustness_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "robustness report (--robustness)",
+        "Segment the images of --images with --model under the paper's perturbations (channel "
+        "order, cell size, Poisson noise, blur, downsampling, anisotropic blur), score each "
+        "against its <stem><gt-suffix> ground truth at IoU 0.5 and write a table and a figure. "
+        "See docs/robustness.md.",
+    )
+    g.add_argument("--robustness", action="store_true", help="make a robustness report")
+    g.add_argument("--model", "-m", metavar="NAME|PATH", help="model to test (registry name or file)")
+    g.add_argument(
+        "--images",
+        nargs="+",
+        metavar="DIR",
+        help="folders of images <stem>[_img].<ext> with <stem><gt-suffix> ground truth",
+    )
+    g.add_argument(
+        "--families",
+        nargs="+",
+        choices=ROBUSTNESS_FAMILIES,
+        default=list(ROBUSTNESS_FAMILIES),
+        metavar="F",
+        help=f"perturbation families (default all: {' '.join(ROBUSTNESS_FAMILIES)})",
+    )
+    g.add_argument("--max-images", type=_positive_int, metavar="N", help="at most N images per folder")
+    g.add_argument(
+        "--split",
+        metavar="JSON",
+        help="only images listed in the 'val' lists of this split file (e.g. "
+        "cpsam_toolkit/models/shipped_split.json, the shipped model's validation images)",
+    )
+    g.add_argument(
+        "--crop", type=_positive_int, metavar="N", help="centre-crop images and labels to at most N x N"
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    g.add_argument(
+        "--annotations-b",
+        metavar="DIR",
+        help="second annotation of the same images (same file names): adds the inter-annotator "
+        "error rate and the human-consensus bound",
+    )
+    g.add_argument(
+        "--gray",
+        choices=("pad", "replicate"),
+        default="pad",
+        help="grayscale images: signal in the first channel, others zero (pad, default; channel "
+        "permutations then move it), or copied to all three",
+    )
+    g.add_argument("--csv", metavar="FILE", help="write the per-image and mean table as CSV")
+    g.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
+    g.add_argument("--batch-size", type=_positive_int, default=8, help="tiles per network call (8)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress lines")
 
 
 def _err(msg: str) -> None:
@@ -84,6 +156,21 @@ def _err(msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    parser = getattr(args, "_parser", None)
+    if getattr(args, "robustness", False):
+        return run_robustness(args)
+    extra = [o for o, v in (("--csv", getattr(args, "csv", None)),) if v]
+    missing = [o for o, v in (("--pred", args.pred), ("--gt", args.gt)) if not v]
+    if missing or extra:
+        msg = (
+            f"the following arguments are required: {', '.join(missing)} (or use --robustness)"
+            if missing
+            else "--csv is only written by --robustness reports"
+        )
+        if parser is not None:
+            parser.error(msg)  # exits with status 2 and the usage line
+        _err(msg)
+        return 2
     try:
         pairing = E.pair_files(args.pred, args.gt, args.pred_suffix, args.gt_suffix, args.recursive)
     except FileNotFoundError as e:
@@ -129,3 +216,87 @@ def run(args: argparse.Namespace) -> int:
             return 1
         print(f"wrote {E.save_figure(fig, args.plot)}")
     return 1 if result.errors or not result.images else 0
+
+
+def run_robustness(args: argparse.Namespace) -> int:
+    """``--robustness``: load data and model, make the report, print it and write the files."""
+    from .. import robustness as R
+
+    parser = getattr(args, "_parser", None)
+    missing = [o for o, v in (("--model", args.model), ("--images", args.images)) if not v]
+    if missing:
+        msg = f"--robustness needs {' and '.join(missing)}"
+        if parser is not None:
+            parser.error(msg)
+        _err(msg)
+        return 2
+    if args.pred or args.per_class:
+        _err("--robustness segments --images itself; --pred/--per-class do not apply")
+        return 2
+    if not (args.json or args.csv or args.plot):
+        print(f"{PROG}: note: no --json/--csv/--plot given; only the table is printed", file=sys.stderr)
+    try:
+        data = R.load_folder(
+            args.images,
+            args.gt_suffix,
+            max_images=args.max_images,
+            split=args.split,
+            annotations_b=args.annotations_b,
+            crop=args.crop,
+            recursive=args.recursive,
+        )
+    except (FileNotFoundError, ValueError, OSError) as e:
+        _err(str(e))
+        return 2
+    for f, why in data.skipped:
+        print(f"{PROG}: skipped {f}: {why}", file=sys.stderr)
+    if not data.images:
+        _err(
+            f"no image with a '*{args.gt_suffix}' ground truth found in {' '.join(args.images)}"
+            + (f" among the stems of {args.split}" if args.split else "")
+        )
+        return 1
+    if args.annotations_b is not None and not any(b is not None for b in data.annotations_b):
+        _err(f"no ground-truth file name of --images is present in --annotations-b {args.annotations_b}")
+        return 1
+    from ..segment import load_model
+
+    try:
+        model = load_model(args.model, device=args.device)
+    except Exception as e:  # noqa: BLE001 - report any loading problem with the model named
+        _err(f"cannot load model {args.model!r}: {e}")
+        return 2
+    print(
+        f"{PROG}: robustness of {model.name} on {len(data.images)} images, families "
+        f"{' '.join(args.families)}, seed {args.seed}",
+        file=sys.stderr,
+    )
+    try:
+        report = R.robustness_report(
+            model,
+            data.images,
+            data.masks,
+            families=args.families,
+            seed=args.seed,
+            progress=args.progress,
+            names=data.names,
+            annotations_b=data.annotations_b,
+            gray=args.gray,
+            segment_kwargs={"batch_size": args.batch_size},
+        )
+    except ValueError as e:
+        _err(str(e))
+        return 1
+    print(R.format_report(report))
+    if args.json:
+        print(f"wrote {R.write_json(report, args.json)}")
+    if args.csv:
+        print(f"wrote {R.write_csv(report, args.csv)}")
+    if args.plot:
+        try:
+            fig = R.plot_report(report)
+        except ModuleNotFoundError as e:
+            _err(f"--plot needs {e.name}: pip install 'cpsam-toolkit[plot]'")
+            return 1
+        print(f"wrote {R.save_figure(fig, args.plot)}")
+    return 0
