@@ -341,6 +341,11 @@ class CellposeSAM:
         max_size_fraction: float = 0.4,
         niter: int | None = None,
         progress: bool = False,
+        do_3d: bool = False,
+        z_axis: int | None = None,
+        anisotropy: float | None = None,
+        flow3d_smooth: float = 0.0,
+        stitch_threshold: float = 0.0,
     ) -> SegmentationResult | list[SegmentationResult]:
         """Segment one 2D image (returns a result) or a list of them (returns a list).
 
@@ -348,7 +353,24 @@ class CellposeSAM:
         :mod:`cpsam_toolkit.preprocess` for the channel rules. Tiles of all images in a list
         share network batches. ``diameter`` (px) resizes so cells are ~30 px for the network
         and maps the outputs back; leave it None for Cellpose-SAM's size-invariant default.
+
+        Volumes: ``do_3d=True`` (3D flows from the YX, ZX and ZY slices) or
+        ``stitch_threshold > 0`` (2D masks stitched across planes) with ``z_axis`` (and
+        ``channel_axis`` for 4-D input), ``anisotropy`` (Z / XY spacing) and ``flow3d_smooth``;
+        returns :class:`cpsam_toolkit.volume.VolumeResult` (see :mod:`cpsam_toolkit.volume`).
         """
+        if do_3d or stitch_threshold or z_axis is not None:  # volumes: cpsam_toolkit.volume
+            from .volume import segment_3d
+
+            return segment_3d(
+                self, image, do_3d=do_3d, z_axis=z_axis, anisotropy=anisotropy,
+                flow3d_smooth=flow3d_smooth, stitch_threshold=stitch_threshold,
+                channel_axis=channel_axis, channels=channels, normalize=normalize, invert=invert,
+                tile_norm_blocksize=tile_norm_blocksize, diameter=diameter, batch_size=batch_size,
+                tile_overlap=tile_overlap, augment=augment, flow_threshold=flow_threshold,
+                cellprob_threshold=cellprob_threshold, min_size=min_size,
+                max_size_fraction=max_size_fraction, niter=niter, progress=progress,
+            )
         single = isinstance(image, np.ndarray) or not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
         if not images:

@@ -964,8 +964,14 @@ def segment_volume_files(
 
     Returns ``(done, skipped, failed, n_objects)``; a failing file is reported and skipped.
     """
-    from .io import imread, imwrite_tiff
-    from .outputs import output_path, save_masks
+    import tifffile
+
+    from .io import imread, write_atomic
+    from .outputs import as_label_dtype, output_path
+
+    def save(path: Path, arr: np.ndarray) -> None:  # Z, Y, X planes (never RGB for Z = 3)
+        write_atomic(path, lambda tmp: tifffile.imwrite(tmp, arr, compression="zlib",
+                                                        photometric="minisblack"))
 
     done = skipped = failed = n_obj = 0
     for p in paths:
@@ -977,10 +983,10 @@ def segment_volume_files(
             continue
         try:
             res = segment_3d(model, imread(p), **kwargs)
-            save_masks(target, res.masks)
+            save(target, as_label_dtype(res.masks))
             if save_flows:
-                imwrite_tiff(output_path(out_dir, p.stem, "dP"), res.flows.astype(np.float32))
-                imwrite_tiff(output_path(out_dir, p.stem, "cellprob"), res.cellprob.astype(np.float32))
+                save(output_path(out_dir, p.stem, "dP"), res.flows.astype(np.float32))
+                save(output_path(out_dir, p.stem, "cellprob"), res.cellprob.astype(np.float32))
         except Exception as e:  # noqa: BLE001 - report and go on with the next file
             report(f"failed: {p}: {e}")
             failed += 1

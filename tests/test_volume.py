@@ -190,12 +190,12 @@ def test_errors_name_the_fix(tiny):
 
 def test_segment_do_3d_with_the_real_network(tiny):
     """The full path through CellposeSAM.segment: real tiling, channels, 4-D input."""
-    vol = np.random.default_rng(0).random((2, 2, 6, 8)).astype(np.float32)
+    vol = np.random.default_rng(0).random((2, 2, 4, 5)).astype(np.float32)
     both = tiny.segment([vol, vol[::-1]], do_3d=True, z_axis=0, channel_axis=1, anisotropy=1.5,
                         min_size=-1)
     assert len(both) == 2 and all(isinstance(r, V.VolumeResult) for r in both)
     res = both[0]
-    assert res.masks.shape == res.cellprob.shape == (2, 6, 8) and res.flows.shape == (3, 2, 6, 8)
+    assert res.masks.shape == res.cellprob.shape == (2, 4, 5) and res.flows.shape == (3, 2, 4, 5)
     assert np.isfinite(res.flows).all() and np.isfinite(res.cellprob).all()
     assert res.info["nz_net"] == 3
 
@@ -443,11 +443,11 @@ def test_cli_do_3d(tmp_path: Path, tiny):
     from cpsam_toolkit.network.checkpoints import save_checkpoint
 
     save_checkpoint(tiny.net, tmp_path / "tiny.pt")
-    vol = (np.random.default_rng(0).random((3, 10, 12)) * 1000).astype(np.uint16)
-    tifffile.imwrite(tmp_path / "vol.tif", vol)
+    vol = (np.random.default_rng(0).random((3, 5, 6)) * 1000).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "vol.tif", vol, photometric="minisblack")
     out = tmp_path / "out"
     rc = main(["segment", str(tmp_path / "vol.tif"), "--out", str(out), "--model",
-               str(tmp_path / "tiny.pt"), "--do-3d", "--z-axis", "0", "--anisotropy", "1.5",
+               str(tmp_path / "tiny.pt"), "--do-3d", "--z-axis", "0", "--anisotropy", "0.7",
                "--save-flows", "--no-progress"])
     assert rc == 0
     masks = tifffile.imread(out / "vol_masks.tif")

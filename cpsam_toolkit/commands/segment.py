@@ -95,6 +95,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="remove objects larger than this fraction of the image (0.4)")
     g.add_argument("--niter", type=int, default=None, help="flow-following iterations (default 200)")
 
+    g = p.add_argument_group("volumes (3D; see cpsam_toolkit.volume)")
+    g.add_argument("--do-3d", action="store_true",
+                   help="segment each input as a volume: network on YX, ZX and ZY slices, 3D flows")
+    g.add_argument("--z-axis", type=int, default=None, help="axis of the planes (needed for volumes)")
+    g.add_argument("--anisotropy", type=float, default=None,
+                   help="Z spacing / XY pixel size; Z is resampled by it for the network (1)")
+    g.add_argument("--flow3d-smooth", type=float, default=0.0,
+                   help="Gaussian sigma (XY pixels) on the 3D flows before tracking, 0 = off (0)")
+    g.add_argument("--stitch-threshold", type=float, default=0.0,
+                   help="instead of --do-3d: 2D masks per plane stitched across planes at this IoU")
+
     g = p.add_argument_group("outputs")
     g.add_argument("--save-flows", action="store_true", help="write _flows.tif, _dP.tif and _cellprob.tif")
     g.add_argument("--save-outlines", action="store_true", help="write _outlines.png")
@@ -170,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _err(str(e))
 
+    if args.do_3d or args.stitch_threshold or args.z_axis is not None:
+        return _run_3d(args, out_dir, t0)
     if args.blockwise:
         return _run_blockwise(args, out_dir, opts, t0)
 
@@ -313,4 +326,35 @@ def _run_blockwise(args: argparse.Namespace, out_dir: Path, opts: dict[str, Any]
         print(f"{p} -> {target} ({res.n_objects} objects, {res.n_blocks} blocks)", file=sys.stderr)
     print(f"cpsam segment: {done} segmented, {skipped} skipped, {failed} failed, {n_objects} objects, "
           f"{time.perf_counter() - t0:.1f} s; outputs in {out_dir}")
+    return 1 if failed else 0
+
+
+def _run_3d(args: argparse.Namespace, out_dir: Path, t0: float) -> int:
+    """Volumes: delegate to :func:`cpsam_toolkit.volume.segment_volume_files`."""
+    from .. import volume
+    from ..io import find_images
+
+    if args.z_axis is None:
+        return _err("volumes need --z-axis (the axis of the planes, e.g. --z-axis 0 for Z, Y, X)")
+    if not (args.do_3d or args.stitch_threshold > 0):
+        return _err("--z-axis is for volumes: add --do-3d or --stitch-threshold")
+    try:
+        paths = find_images(args.inputs, recursive=args.recursive)
+        model = _load(args.model, args.device, args.dtype)
+    except Exception as e:  # noqa: BLE001
+        return _err(str(e))
+    lo, hi = args.norm_percentile
+    done, skipped, failed, n_obj = volume.segment_volume_files(
+        paths, out_dir, model, overwrite=args.overwrite, save_flows=args.save_flows,
+        report=lambda m: print(m, file=sys.stderr), do_3d=args.do_3d, z_axis=args.z_axis,
+        stitch_threshold=args.stitch_threshold, anisotropy=args.anisotropy,
+        flow3d_smooth=args.flow3d_smooth, channel_axis=args.channel_axis, channels=args.channels,
+        diameter=args.diameter, normalize=not args.no_norm, percentiles=(lo, hi), invert=args.invert,
+        batch_size=args.batch_size, tile_overlap=args.tile_overlap, augment=args.augment,
+        flow_threshold=args.flow_threshold, cellprob_threshold=args.cellprob_threshold,
+        min_size=args.min_size, max_size_fraction=args.max_size_fraction, niter=args.niter,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    print(f"cpsam segment: {done} volumes segmented, {skipped} skipped, {failed} failed, {n_obj} "
+          f"objects, {time.perf_counter() - t0:.1f} s; outputs in {out_dir}")
     return 1 if failed else 0
