@@ -59,6 +59,7 @@ class Edit:
     index: np.ndarray  # int64 flat indices
     before: np.ndarray
     after: np.ndarray
+    serial: int = 0  # identifies the state this edit leads to
 
     @property
     def n_pixels(self) -> int:
@@ -140,7 +141,9 @@ class LabelEditor:
         self._undo: list[Edit] = []
         self._redo: list[Edit] = []
         self.version = 0
-        self._saved_version = 0
+        self._serial = 0  # last edit number handed out
+        self._base_state = 0  # state id when the undo stack is empty (0: the starting labels)
+        self._saved_state = 0
         self.label = self.next_label()
 
     # -- queries --------------------------------------------------------------------------
@@ -149,8 +152,16 @@ class LabelEditor:
         return self.labels.shape  # type: ignore[return-value]
 
     @property
+    def state_id(self) -> int:
+        """Identifies the current labels among the states reachable by undo/redo (0: the
+        starting labels)."""
+        return self._undo[-1].serial if self._undo else self._base_state
+
+    @property
     def dirty(self) -> bool:
-        return self.version != self._saved_version
+        """The labels differ from the last saved (or the starting) state; undoing back to it
+        makes them clean again."""
+        return self.state_id != self._saved_state
 
     @property
     def can_undo(self) -> bool:
@@ -190,11 +201,13 @@ class LabelEditor:
         changed = before != after
         if not changed.any():
             return 0
-        edit = Edit(kind, index[changed].astype(np.int64), before[changed].copy(), after[changed].copy())
+        self._serial += 1
+        edit = Edit(kind, index[changed].astype(np.int64), before[changed].copy(), after[changed].copy(),
+                    self._serial)
         flat[edit.index] = edit.after
         self._undo.append(edit)
         if len(self._undo) > self.max_history:
-            del self._undo[0]
+            self._base_state = self._undo.pop(0).serial
         self._redo.clear()
         self.version += 1
         return edit.n_pixels
@@ -377,7 +390,7 @@ class LabelEditor:
 
     # -- saving ---------------------------------------------------------------------------
     def mark_saved(self) -> None:
-        self._saved_version = self.version
+        self._saved_state = self.state_id
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the labels as a zlib TIFF atomically (a failed write leaves no partial file

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +33,21 @@ class Viewer(Panel):
         Passed to ``model.segment`` and used for display.
     height : int
         Height of the canvas in CSS pixels.
+    background : bool
+        Run slider updates in a worker thread (the kernel stays free; while one update runs,
+        further slider moves are coalesced into one). ``viewer.wait()`` waits for it.
     **segment_kwargs
         Other ``model.segment`` arguments (``diameter``, ``tile_overlap`` ...).
 
     The sliders (cell probability, flow threshold, minimum size) call
     :meth:`SegmentationResult.recompute`, which re-runs only the post-processing on the cached
     flows; the network does not run again. ``viewer.result`` is always the result on screen.
+    The masks are shown as soon as they are computed, with area and mean cell probability on
+    hover; the flow error of each object follows. Results of recent threshold settings are kept,
+    so going back to one is instant.
     """
+
+    CACHE_SIZE = 8
 
     def __init__(
         self,
@@ -48,6 +58,7 @@ class Viewer(Panel):
         channel_axis: int | None = None,
         name: str | None = None,
         height: int = 480,
+        background: bool = True,
         **segment_kwargs: Any,
     ) -> None:
         if isinstance(image, (str, os.PathLike)):
@@ -62,6 +73,11 @@ class Viewer(Panel):
         self.channel_axis = channel_axis
         self.segment_kwargs = dict(segment_kwargs)
         self.timings: dict[str, float] = {}
+        self.background = bool(background)
+        self._lock = threading.Lock()
+        self._pending: dict[str, Any] | None = None
+        self._busy = False
+        self._cache: OrderedDict[tuple, Any] = OrderedDict()
         if result is None:
             if model is None:
                 raise ValueError("Viewer needs a model to segment the image, or result=")
@@ -118,7 +134,8 @@ class Viewer(Panel):
             ]
         )
         show_image(self.canvas, self.image, None, channel_axis)
-        self._show()
+        self._remember(result)
+        self._show(result)
 
     # -- public ---------------------------------------------------------------------------
     @property
@@ -143,6 +160,7 @@ class Viewer(Panel):
             ).items()
             if v is not None
         }
+        self.wait()
         self._silent = True
         try:
             if cellprob_threshold is not None:
@@ -160,9 +178,23 @@ class Viewer(Panel):
         self.model = model
         if resegment:
             self.status.value = status_html(f"segmenting with {getattr(model, 'name', 'model')} …")
+            self.wait()
+            self._cache.clear()
             self.result = self._segment()
-            self._show()
+            self._remember(self.result)
+            self._show(self.result)
         return self.result
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Wait until background updates are done; returns the result on screen."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if not self._busy:
+                    return self.result
+            if end is not None and time.monotonic() > end:
+                raise TimeoutError("the viewer is still updating")
+            time.sleep(0.005)
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
         """Write the masks as ``<stem>_masks.tif`` (atomically)."""
@@ -195,43 +227,83 @@ class Viewer(Panel):
     def _on_slider(self, _change: dict) -> None:
         if self._silent:
             return
-        self._recompute(
-            cellprob_threshold=float(self.cellprob.value),
-            flow_threshold=float(self.flow.value),
-            min_size=int(self.min_size.value),
-        )
+        self._request(dict(cellprob_threshold=float(self.cellprob.value),
+                           flow_threshold=float(self.flow.value), min_size=int(self.min_size.value)))
+
+    def _request(self, changes: dict[str, Any]) -> None:
+        if not self.background:
+            self._recompute(**changes)
+            return
+        with self._lock:
+            self._pending = changes
+            start = not self._busy
+            self._busy = True
+        self.status.value = status_html("updating …", "warn")
+        if start:
+            threading.Thread(target=self._work, daemon=True, name="cpsam-viewer").start()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                changes, self._pending = self._pending, None
+                if changes is None:
+                    self._busy = False
+                    return
+            try:
+                self._recompute(**changes)
+            except Exception as e:  # noqa: BLE001 - shown in the panel
+                self.status.value = status_html(f"{type(e).__name__}: {e}", "error")
+
+    @staticmethod
+    def _key(options: Any) -> tuple:
+        return (round(float(options.cellprob_threshold), 6), round(float(options.flow_threshold), 6),
+                int(options.min_size), float(options.max_size_fraction), options.niter)
+
+    def _remember(self, result: Any) -> None:
+        self._cache[self._key(result.options)] = result
+        self._cache.move_to_end(self._key(result.options))
+        while len(self._cache) > self.CACHE_SIZE:
+            self._cache.popitem(last=False)
 
     def _recompute(self, **changes: Any) -> Any:
+        from dataclasses import replace
+
         t0 = time.perf_counter()
-        self.result = self.result.recompute(**changes)
+        key = self._key(replace(self.result.options, **changes))
+        res = self._cache.get(key)
+        if res is None:
+            res = self.result.recompute(**changes)
+            self._remember(res)
         self.timings["postprocess"] = time.perf_counter() - t0
-        self._show()
-        return self.result
+        self.result = res
+        self._show(res)
+        return res
 
     def _on_channel(self, channel: int | None) -> None:
         self._channel = channel
         show_image(self.canvas, self.image, channel, self.channel_axis)
 
-    def _show(self) -> None:
-        """Labels first (what the user waits for), then the per-object table for hover."""
+    def _show(self, res: Any) -> None:
+        """Labels first (what the user waits for) with area and probability for hover, then
+        the full per-object table (flow errors) unless a newer update is waiting."""
         t0 = time.perf_counter()
-        res = self.result
         self.canvas.set_labels(res.masks)
-        n = res.n_objects
-        self.count.value = f"<b>{n}</b> objects"
+        self.count.value = f"<b>{res.n_objects}</b> objects"
+        self.canvas.set_objects(cheap_objects(res.masks, res.cellprob))
         self.timings["send_labels"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        try:
-            objects = res.objects
-        except Exception:  # noqa: BLE001 - hover details are optional
-            objects = cheap_objects(res.masks, res.cellprob)
-        self.canvas.set_objects(
-            {k: objects[k] for k in ("label", "area", "mean_cellprob", "flow_error") if k in objects}
-        )
-        self.timings["objects"] = time.perf_counter() - t1
         pp = self.timings.get("postprocess")
         o = res.options
         self.status.value = status_html(
             f"cell prob. ≥ {o.cellprob_threshold:g}, flow error ≤ {o.flow_threshold:g}, "
-            f"min size {o.min_size}" + (f" · post-processing {pp * 1000:.0f} ms" if pp else "")
-        )
+            f"min size {o.min_size}" + (f" · post-processing {pp * 1000:.0f} ms" if pp else ""))
+        if self._pending is not None:
+            return
+        t1 = time.perf_counter()
+        try:
+            objects = res.objects
+        except Exception:  # noqa: BLE001 - hover details are optional
+            return
+        if self.result is res:
+            self.canvas.set_objects({k: objects[k] for k in ("label", "area", "mean_cellprob", "flow_error")
+                                     if k in objects})
+        self.timings["objects"] = time.perf_counter() - t1
