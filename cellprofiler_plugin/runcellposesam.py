@@ -267,7 +267,8 @@ def _is_out_of_memory(e: BaseException) -> bool:
         oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
         if oom is not None and isinstance(e, oom):
             return True
-    return isinstance(e, (RuntimeError, MemoryError)) and "out of memory" in str(e).lower()
+    # not MemoryError: cpsam-toolkit raises it after its own fallback already reached batch 1
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
 
 
 def segment_with_fallback(model, data, key, batch_size: int, **kwargs):
@@ -294,6 +295,15 @@ def segment_with_fallback(model, data, key, batch_size: int, **kwargs):
             _SAFE_BATCH[key] = bs
             continue
         return result
+
+
+def _objects_of(result) -> dict | None:
+    """``result.objects`` (per-object table), or None if the library cannot give one."""
+    try:
+        return getattr(result, "objects", None)
+    except Exception as e:  # e.g. a table not implemented for this kind of result
+        LOGGER.debug("no per-object table from cpsam-toolkit: %s", e)
+        return None
 
 
 def _is_3d_unsupported(e: BaseException) -> bool:
@@ -771,7 +781,7 @@ class RunCellposeSAM(ImageSegmentation):
                         f"({e.__class__.__name__}: {e}). Set 'Segment volumes in 3D?' to No to "
                         "segment each plane on its own, or upgrade cpsam-toolkit.") from e
                 raise
-            return np.asarray(res.masks), np.asarray(res.cellprob), getattr(res, "objects", None)
+            return np.asarray(res.masks), np.asarray(res.cellprob), _objects_of(res)
         if volumetric:
             planes = [data[z] for z in range(data.shape[0])]
             results = segment_with_fallback(model, planes, key, bs, **kwargs)
@@ -784,7 +794,7 @@ class RunCellposeSAM(ImageSegmentation):
                 m = np.asarray(res.masks).astype(np.int64)
                 masks[z] = np.where(m > 0, m + offset, 0)
                 cellprob[z] = res.cellprob
-                o = getattr(res, "objects", None) or {}
+                o = _objects_of(res) or {}
                 if "label" in o:
                     objs["label"].append(np.asarray(o["label"], np.int64) + offset)
                     for f in ("mean_cellprob", "flow_error", "class_id"):
@@ -795,7 +805,7 @@ class RunCellposeSAM(ImageSegmentation):
             objects = {k: np.concatenate(v) if v else np.zeros(0) for k, v in objs.items()}
             return masks, cellprob, objects
         res = segment_with_fallback(model, data, key, bs, **kwargs)
-        return np.asarray(res.masks), np.asarray(res.cellprob), getattr(res, "objects", None)
+        return np.asarray(res.masks), np.asarray(res.cellprob), _objects_of(res)
 
     def run(self, workspace):
         try:

@@ -464,6 +464,17 @@ def test_out_of_memory_falls_back_to_smaller_batches(model_files, caplog):
         rcs.segment_with_fallback(AlwaysOOM(), img, ("k",), 4)
     rcs._SAFE_BATCH.pop(("k",), None)
 
+    calls.clear()
+
+    class LibraryGaveUp:  # cpsam-toolkit's own fallback already reached one tile per batch
+        def segment(self, data, batch_size, **kw):
+            calls.append(batch_size)
+            raise MemoryError("out of memory running the network on a single tile")
+
+    with pytest.raises(MemoryError):
+        rcs.segment_with_fallback(LibraryGaveUp(), img, ("k",), 8)
+    assert calls == [8]  # not retried
+
 
 # ------------------------------------------------------------------------ validation
 def _validation_message(module, pipeline=None):
