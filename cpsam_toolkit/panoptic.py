@@ -438,21 +438,15 @@ def load_panoptic(
     data = TrainingSet(cache=FlowCache(cache_dir))
     luts: list[np.ndarray] = []
     for img, msk, cls, name, cname, grp in items:
-        raw_masks = imread(msk) if isinstance(msk, (str, os.PathLike)) else np.asarray(msk)
-        raw_img = imread(img) if isinstance(img, (str, os.PathLike)) else img
-        mname = str(msk) if isinstance(msk, (str, os.PathLike)) else f"{name} (labels)"
-        raw = np.asarray(raw_masks)
-        if raw.ndim == 3 and 1 in (raw.shape[0], raw.shape[-1]):
-            raw = raw.reshape([s for s in raw.shape if s != 1] or [1, 1])
-        if np.issubdtype(raw.dtype, np.integer) and raw.ndim == 2 and raw.size and raw.min() >= 0:
-            target = class_target(raw, cls, names, cname)
-        else:
-            target = None  # let the label validation below name the problem
-        one = TrainingSet.build([(raw_img, raw_masks)], names=[name], min_masks=0)
+        # labels are validated (and renumbered if ids have gaps) by TrainingSet, whose errors
+        # name the label file; class targets are built from the original instance ids
+        one = TrainingSet.build([(img, msk)], names=[name], min_masks=0)
         s = one.samples[0]
         s.name, s.group = name, grp
-        if target is None:  # e.g. float labels holding whole numbers: validated, now integers
-            raise ClassFileError(f"{mname}: labels must be non-negative integers for class targets")
+        raw = np.asarray(imread(msk) if isinstance(msk, (str, os.PathLike)) else msk)
+        if raw.ndim == 3 and 1 in (raw.shape[0], raw.shape[-1]):
+            raw = raw.reshape([d for d in raw.shape if d != 1] or [1, 1])
+        target = class_target(raw.astype(np.int64), cls, names, cname)
         m = s.masks
         lut = np.zeros(int(m.max(initial=0)) + 1, dtype=np.int64)
         lut[m.ravel()] = target.ravel()

@@ -118,6 +118,11 @@ def test_load_panoptic_folder_errors_name_the_file(tmp_path):
     assert (cm[2:8, 2:8] == 2).all() and (cm[10:20, 10:20] == 1).all()
     np.testing.assert_array_equal(pd.pixel_counts(), [32 * 32 - 136, 100, 36])
     w = pd.class_weights()  # inverse frequency: rarer class, larger weight
+    tifffile.imwrite(tmp_path / "s2_img.tif", img)  # a label image that is not instance ids
+    tifffile.imwrite(tmp_path / "s2_masks.tif", np.full((32, 32), 0.5, np.float32))
+    (tmp_path / "s2_classes.json").write_text("{}")
+    with pytest.raises(P.LabelError, match=r"s2_masks\.tif"):
+        P.load_panoptic(tmp_path, ["a", "b"])
     assert w[2] > w[1] > w[0]
     np.testing.assert_allclose((w * pd.pixel_counts()).sum() / pd.pixel_counts().sum(), 1.0, rtol=1e-6)
 
