@@ -2,8 +2,10 @@
 # Install the headless CellProfiler command line (no GUI) into the current Python environment,
 # for running RunCellposeSAM pipelines with `cellprofiler -c -r -p ...` and for the plugin's tests.
 #
-#   bash scripts/install_cellprofiler_cli.sh            # uses `python` on PATH (your venv)
+#   bash scripts/install_cellprofiler_cli.sh                        # `python` on PATH (your venv)
+#   bash scripts/install_cellprofiler_cli.sh /path/to/venv/bin/python
 #   PYTHON=/path/to/venv/bin/python bash scripts/install_cellprofiler_cli.sh
+# Idempotent: re-running only checks (pip skips what is installed).
 #
 # What it installs (all from PyPI, pure wheels or manylinux wheels, no compiler, no Java):
 #   cellprofiler-core-nightly==5.0.0.dev784   (pulls cellprofiler-library-nightly, centriole-nightly,
@@ -19,7 +21,7 @@
 # docutils==0.15.2, Jinja2) as missing: expected, they are not used headless.
 set -euo pipefail
 
-PY="${PYTHON:-$(command -v python || command -v python3)}"
+PY="${1:-${PYTHON:-$(command -v python || command -v python3)}}"
 CP_VERSION="${CP_VERSION:-5.0.0.dev784}"
 RAPIDFUZZ_VERSION="${RAPIDFUZZ_VERSION:-3.14.6}"
 
