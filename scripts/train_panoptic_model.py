@@ -67,7 +67,7 @@ def recipe(epochs: int):
     return Recipe(
         name="panoptic_consep", lr=2e-4, epochs=epochs, batch_size=4, weight_decay=0.1,
         layer_drop=0.1, warmup_epochs=2, schedule="steps", steps=((0.8, 0.25),),
-        nimg_per_epoch=32, min_nimg_per_epoch=8, min_masks=1, grad_clip=1.0, val_every=5,
+        nimg_per_epoch=32, min_nimg_per_epoch=8, min_masks=1, grad_clip=1.0, val_every=8,
         augment=AugmentConfig.spatial_only((0.75, 1.25), "uniform"),
     )
 
@@ -202,8 +202,8 @@ def cmd_export(args) -> int:
         meta["val_panoptic"] = json.loads(ev_path.read_text())["all"]
     meta.update({"name": "cpsam_panoptic_consep", "licence": "BSD-3-Clause (weights); data Apache-2.0 "
                  "(CoNSeP, Graham et al. 2019)", "card": "PANOPTIC_MODEL_CARD.md"})
-    save_checkpoint(net, EXPORT, meta, half=True)
-    print(f"exported {src} -> {EXPORT} ({EXPORT.stat().st_size / 1e6:.1f} MB)")
+    save_checkpoint(net, args.dest, meta, half=True)
+    print(f"exported {src} -> {args.dest} ({args.dest.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 
@@ -215,11 +215,12 @@ def main(argv=None) -> int:
     ap.add_argument("--init", default=None,
                     help="starting weights (default: the shipped cpsam_small.pt if present; "
                          "'none': random 'small' preset)")
-    ap.add_argument("--epochs", type=int, default=30, help="epochs of 32 images")
+    ap.add_argument("--epochs", type=int, default=32, help="epochs of 32 images")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this long")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", default=None, help="evaluate/export this file (default: <run>/last.pt)")
+    ap.add_argument("--dest", type=Path, default=EXPORT, help="export: the file to write")
     args = ap.parse_args(argv)
     args.run.mkdir(parents=True, exist_ok=True)
     return {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export}[args.command](args)
