@@ -1,0 +1,91 @@
+"""Every notebook in notebooks/ runs top to bottom in a real kernel (nbclient), on the CPU.
+
+They run in a temporary folder (their ``outputs/`` go there) with the shipped model (or the tiny
+stand-in of :func:`cpsam_toolkit.widgets.demo.notebook_model` while it is absent). Notebooks are
+also checked to be committed with outputs cleared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+pytest.importorskip("ipywidgets")
+pytest.importorskip("anywidget")
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+#: seconds per notebook (shared CPUs under load; the notebooks take about a minute alone)
+TIMEOUT = int(os.environ.get("CPSAM_NOTEBOOK_TIMEOUT", "900"))
+
+
+WIDGET_NOTEBOOKS = ["01_segment", "02_correct_and_finetune", "03_evaluate"]
+
+
+def test_the_widget_notebooks_exist():
+    names = [p.stem for p in NOTEBOOKS]
+    assert set(WIDGET_NOTEBOOKS) <= set(names), names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_is_committed_without_outputs(path):
+    nb = json.loads(path.read_text())
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell.get("outputs") == [] and cell.get("execution_count") is None, path.name
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
+    pytest.importorskip("cpsam_toolkit.dynamics", reason="cpsam_toolkit.dynamics is not in this checkout yet")
+    nb = nbformat.read(path, as_version=4)
+    # the kernel imports this checkout's package
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=TIMEOUT,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
+        allow_errors=False,
+    )
+    t0 = time.time()
+    client.execute()  # raises CellExecutionError with the traceback on any failing cell
+    elapsed = time.time() - t0
+    print(f"{path.name}: {elapsed:.0f} s", file=sys.stderr)
+    widget_views = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+    ]
+    if path.stem in WIDGET_NOTEBOOKS:
+        assert widget_views, f"{path.name} displayed no widget"
+    text = "\n".join(
+        o.get("text", "")
+        if o.get("output_type") == "stream"
+        else str(o.get("data", {}).get("text/plain", ""))
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+    )
+    out = tmp_path / "outputs"
+    if path.stem == "01_segment":
+        assert "objects; post-processing" in text
+        assert list(out.glob("*_masks.tif"))
+    elif path.stem == "02_correct_and_finetune":
+        assert len(list((out / "02" / "corrected").glob("*_masks.tif"))) == 3
+        assert "'state': 'corrected'" in text and "base  (starting model)" in text
+        assert (out / "02" / "finetuned.pt").stat().st_size > 0
+    elif path.stem == "03_evaluate":
+        assert len(list((out / "03" / "predictions").glob("*_masks.tif"))) == 4
+        assert "AP@0.5" in text and "examples" in text
