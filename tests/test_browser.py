@@ -49,6 +49,15 @@ NOTEBOOK_CELLS = [
     f"c.tools.value = 'brush'; c.label_id.value = {LABEL}; c.radius.value = 5\n"
     "c.canvas.overlay = 'filled'; c.canvas.opacity = 1.0\n"
     "c",
+    # a 1024 x 1024 result with 676 objects in the viewer (no network needed)
+    "from cpsam_toolkit.segment import MaskOptions, SegmentationResult\n"
+    "from cpsam_toolkit.widgets import Viewer\n"
+    "yy, xx = np.mgrid[:1024, :1024]\n"
+    "cp = (3 - 0.4 * np.hypot(yy % 40 - 20, xx % 40 - 20)).astype(np.float32)\n"
+    "masks = ((yy // 40) * 26 + xx // 40 + 1).astype(np.uint16) * (cp > 0)\n"
+    "res = SegmentationResult(masks, np.zeros((2, 1024, 1024), np.float32), cp, MaskOptions())\n"
+    "v = Viewer(cp, result=res, background=False, height=400)\n"
+    "v",
 ]
 
 
@@ -182,9 +191,10 @@ def test_paint_save_undo_in_jupyterlab(lab_server):
                                    "s.session.kernel.connectionStatus === 'connected'; }", timeout=180_000)
             page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
 
-            canvas = page.locator(".cpsam-wrap canvas").first
+            cell = page.locator(".jp-Notebook .jp-Cell").nth(0)
+            canvas = cell.locator(".cpsam-wrap canvas").first
             canvas.wait_for(state="visible", timeout=180_000)
-            page.get_by_text("tool: brush").first.wait_for(timeout=60_000)
+            cell.get_by_text("tool: brush").first.wait_for(timeout=60_000)
             canvas.scroll_into_view_if_needed()
             page.wait_for_timeout(500)
             page.screenshot(path=str(ARTIFACTS / "1-rendered.png"))
@@ -207,7 +217,7 @@ def test_paint_save_undo_in_jupyterlab(lab_server):
                 page.mouse.move(sx + (ex - sx) * k / 20, sy)
             page.mouse.up()
             # the kernel applies the stroke and sends the labels back: the canvas redraws them
-            page.get_by_text("1 objects").first.wait_for(timeout=60_000)
+            cell.get_by_text("1 objects").first.wait_for(timeout=60_000)
             page.wait_for_timeout(500)
             page.screenshot(path=str(ARTIFACTS / "2-painted.png"))
             after = _canvas_pixel(page, canvas, fx(80), fy)
@@ -220,14 +230,14 @@ def test_paint_save_undo_in_jupyterlab(lab_server):
             # hover read-out (client-side, from the object table the kernel sent)
             hx, hy = _image_to_screen(box, y_mid, 80)
             page.mouse.move(hx, hy)
-            tip = page.locator(".cpsam-tip")
+            tip = cell.locator(".cpsam-tip")
             tip.wait_for(state="visible", timeout=10_000)
             assert f"object {LABEL}" in tip.inner_text()
             page.screenshot(path=str(ARTIFACTS / "3-hover.png"))
 
             # the widget's Save button writes the masks next to the notebook
-            page.locator("button.jupyter-button", has_text="Save").first.click()
-            page.get_by_text("saved browser_test_masks.tif").first.wait_for(timeout=60_000)
+            cell.locator("button.jupyter-button", has_text="Save").first.click()
+            cell.get_by_text("saved browser_test_masks.tif").first.wait_for(timeout=60_000)
             deadline = time.time() + 30
             while not mask_file.exists() and time.time() < deadline:
                 time.sleep(0.2)
@@ -245,8 +255,8 @@ def test_paint_save_undo_in_jupyterlab(lab_server):
             canvas.click(position={"x": 5, "y": 5}, button="right")  # focus without painting
             canvas.focus()
             page.keyboard.press("Control+z")
-            page.get_by_text("0 objects").first.wait_for(timeout=60_000)
-            page.locator("button.jupyter-button", has_text="Save").first.click()
+            cell.get_by_text("0 objects").first.wait_for(timeout=60_000)
+            cell.locator("button.jupyter-button", has_text="Save").first.click()
             deadline = time.time() + 30
             while time.time() < deadline:
                 if tifffile.imread(mask_file).max() == 0:
@@ -258,11 +268,37 @@ def test_paint_save_undo_in_jupyterlab(lab_server):
             canvas.focus()
             page.keyboard.press("d")
             page.keyboard.press("d")
-            page.get_by_text("tool: delete").first.wait_for(timeout=30_000)
-            assert page.locator(".jp-Notebook .jp-Cell").count() == 1
+            cell.get_by_text("tool: delete").first.wait_for(timeout=30_000)
+            assert page.locator(".jp-Notebook .jp-Cell").count() == len(NOTEBOOK_CELLS)
             canvas.scroll_into_view_if_needed()
             page.wait_for_timeout(300)
             page.screenshot(path=str(ARTIFACTS / "5-undone.png"))
+
+            # the viewer draws a 1024 x 1024 label image with 676 objects client-side, fast
+            cell2 = page.locator(".jp-Notebook .jp-Cell").nth(1)
+            cell2.get_by_text("676 objects").first.wait_for(timeout=180_000)
+            root2 = cell2.locator(".cpsam-root").first
+            page.wait_for_function("(el) => el.dataset.renderMs !== undefined", arg=root2.element_handle(),
+                                   timeout=60_000)
+            render_ms = float(root2.get_attribute("data-render-ms"))
+            (ARTIFACTS / "render-1024.txt").write_text(f"{render_ms:.1f} ms\n")
+            assert render_ms < 1000, render_ms
+            canvas2 = cell2.locator(".cpsam-wrap canvas").first
+            canvas2.scroll_into_view_if_needed()
+            b2 = canvas2.bounding_box()
+            s2 = min(b2["width"], b2["height"]) / 1024
+            ox = b2["x"] + (b2["width"] - 1024 * s2) / 2
+            oy = b2["y"] + (b2["height"] - 1024 * s2) / 2
+            page.mouse.move(ox + 60.5 * s2, oy + 20.5 * s2)  # the centre of object 2 (row 0, column 1)
+            tip2 = cell2.locator(".cpsam-tip")
+            tip2.wait_for(state="visible", timeout=10_000)
+            assert "object 2" in tip2.inner_text() and "area" in tip2.inner_text()
+            # wheel zoom happens in the browser
+            before_zoom = cell2.locator(".cpsam-status").inner_text()
+            page.mouse.wheel(0, -600)
+            page.wait_for_timeout(200)
+            assert cell2.locator(".cpsam-status").inner_text() != before_zoom
+            page.screenshot(path=str(ARTIFACTS / "6-viewer-1024.png"))
         except Exception:
             try:
                 page.screenshot(path=str(ARTIFACTS / "failure.png"))

@@ -399,6 +399,26 @@ def test_viewer_sliders_rerun_only_postprocessing():
     assert len(res.calls) == n + 1 and v.cellprob.value == 1.5 and v.min_size.value == 0
 
 
+def test_viewer_overhead_on_a_1024_image_is_small():
+    """What the widget adds to a slider move (labels to the browser, hover table) on 1024 x 1024
+    with ~650 objects; the post-processing itself is the library's (timed separately)."""
+    import time
+
+    from cpsam_toolkit.widgets import Viewer
+
+    yy, xx = np.mgrid[:1024, :1024]
+    cp = (3 - 0.4 * np.hypot((yy % 40) - 20, (xx % 40) - 20)).astype(np.float32)
+    res = FakeResult((cp > 0).astype(np.uint16), np.zeros((2, 1024, 1024), np.float32), cp, Opts(), [])
+    v = Viewer(np.zeros((1024, 1024), np.uint16), result=res, background=False)
+    t0 = time.perf_counter()
+    v.min_size.value = 20
+    total = time.perf_counter() - t0
+    assert v.n_objects == 676
+    widget = v.timings["send_labels"] + v.timings["objects"]
+    assert widget < 0.5, v.timings  # typically ~0.05 s
+    assert total < 2.0, (total, v.timings)
+
+
 def test_viewer_background_updates_coalesce(monkeypatch):
     from cpsam_toolkit.widgets import Viewer
 

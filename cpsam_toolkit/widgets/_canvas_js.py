@@ -207,6 +207,7 @@ function render({ model, el }) {
     rendered();
   }
   async function loadLabels() {
+    const t0 = performance.now();
     const my = ++seqLab;
     const u8 = bytesOf(model.get("labels_z"));
     const shape = model.get("shape") || [0, 0];
@@ -218,6 +219,8 @@ function render({ model, el }) {
     pending = [];
     buildOverlay();
     draw();
+    // decode + overlay + draw time, for tests and curious users (data-render-ms)
+    root.dataset.renderMs = (performance.now() - t0).toFixed(1);
     rendered();
   }
   function loadObjects() {
