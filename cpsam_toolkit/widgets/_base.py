@@ -67,7 +67,7 @@ class ViewControls:
             options=[("outlines", "outlines"), ("filled", "filled"), ("none", "none")],
             value=canvas.overlay,
             description="overlay",
-            style={"button_width": "68px"},
+            style={"button_width": "88px"},
         )
         self.opacity = W.FloatSlider(
             value=canvas.opacity,
