@@ -42,36 +42,39 @@ _SEED_RADIUS = 5  # seed windows are (2r+1)^ndim; r dilations grow the seed
 
 
 def _dedupe(pt: torch.Tensor, owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge tracked points with bit-identical positions (hash table, O(N), exact).
+    """Merge tracked points with bit-identical positions (one hash-table pass, exact).
 
     Parameters
     ----------
-    pt : (N, ndim) float32 tensor
+    pt : (ndim, N) float32 tensor
         Active positions.
     owner : (P,) int64 tensor
-        For every original pixel, its row in ``pt``.
+        For every original pixel, its column in ``pt``.
 
     Returns
     -------
-    (M, ndim) float32 tensor and (P,) int64 tensor
-        The distinct positions (hash collisions may leave a few duplicates) and the new owners.
+    (ndim, M) float32 tensor and (P,) int64 tensor
+        The merged positions (hash collisions may leave some duplicates, which is harmless) and
+        the new owners.
     """
-    n, ndim = pt.shape
+    n = pt.shape[1]
     ar = torch.arange(n, device=pt.device)
-    bits = pt.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    h = bits[:, 0].clone()
-    for d in range(1, ndim):
-        h = (h * 1000003 + bits[:, d]) % 2147483647
-    size = 1 << int(2 * n - 1).bit_length()
-    slot = h % size
-    table = torch.full((size,), n, dtype=torch.int64, device=pt.device)
-    table.scatter_reduce_(0, slot, ar, reduce="amin")
-    cand = table[slot]
-    dup = (cand != ar) & (bits[cand] == bits).all(1)
-    keep = ~dup
-    new_index = torch.cumsum(keep, 0) - 1
-    remap = new_index[torch.where(dup, cand, ar)]
-    return pt[keep], remap[owner]
+    keys = [row.view(torch.int32) for row in pt]
+    h = keys[0].to(torch.int64)
+    for k in keys[1:]:
+        h = (h * 92821) ^ k.to(torch.int64)
+    size = 1 << max(n - 1, 1).bit_length()
+    slot = h & (size - 1)
+    # any point may win a slot; it represents the points whose key equals its own
+    table = torch.empty(size, dtype=torch.int64, device=pt.device).scatter_(0, slot, ar)
+    cand = table.index_select(0, slot)
+    dup = cand != ar
+    for k in keys:
+        dup &= k.index_select(0, cand) == k
+    new_index = torch.cumsum(~dup, 0) - 1
+    remap = new_index.index_select(0, torch.where(dup, cand, ar))
+    kept = torch.nonzero(~dup).squeeze(1)
+    return pt.index_select(1, kept), remap.index_select(0, owner)
 
 
 def _track(
@@ -83,33 +86,33 @@ def _track(
     ----------
     im : (1, ndim, *shape) float32 tensor
         Step field, channels x-first, scaled to normalised units.
-    pt : (N, ndim) float32 tensor
-        Start positions, x-first, in [-1, 1].
+    pt : (ndim, N) float32 tensor
+        Start positions, x-first rows, in [-1, 1]. Updated in place unless merged.
     niter : int
     dedupe : bool
         Merge points with identical positions every few steps.
 
     Returns
     -------
-    (N, ndim) float32 tensor
+    (ndim, N) float32 tensor
         Final positions.
     """
-    ndim = pt.shape[1]
-    n0 = pt.shape[0]
+    ndim, n0 = pt.shape
     owner = torch.arange(n0, device=pt.device)
-    next_check, interval = 10, 10
+    next_check, interval = 15, 10
     for t in range(niter):
         if dedupe and t == next_check and niter - t > 10:
-            before = pt.shape[0]
+            before = pt.shape[1]
             pt, owner = _dedupe(pt, owner)
-            # back off while merging does not pay
-            interval = interval if pt.shape[0] < 0.9 * before else 2 * interval
+            # back off while merging does not pay (a merge costs a few steps)
+            interval = interval if pt.shape[1] < 0.9 * before else 2 * interval
             next_check = t + interval
-        grid = pt.view(*([1] * ndim), pt.shape[0], ndim)
+        # planar storage, viewed as the (1, [1,] 1, N, ndim) grid: no copies per step
+        grid = pt.T.view(*([1] * ndim), pt.shape[1], ndim)
         step = F.grid_sample(im, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        pt += step.view(ndim, -1).T
+        pt += step.view(ndim, -1)
         pt.clamp_(-1.0, 1.0)
-    return pt[owner] if pt.shape[0] != n0 else pt
+    return pt.index_select(1, owner) if pt.shape[1] != n0 else pt
 
 
 def follow_flows(
@@ -152,22 +155,22 @@ def follow_flows(
     ndim = dP.shape[0]
     shape = dP.shape[1:]
     im = torch.zeros((1, ndim, *shape), dtype=torch.float32, device=dev)
-    pt = torch.zeros((len(inds[0]), ndim), dtype=torch.float32, device=dev)
+    pt = torch.zeros((ndim, len(inds[0])), dtype=torch.float32, device=dev)
     for n in range(ndim):  # x-first for grid_sample
-        pt[:, ndim - n - 1] = torch.from_numpy(np.asarray(inds[n])).to(dev, torch.float32)
+        pt[ndim - n - 1] = torch.from_numpy(np.asarray(inds[n])).to(dev, torch.float32)
         im[0, ndim - n - 1] = torch.from_numpy(np.asarray(dP[n])).to(dev, torch.float32)
     sizes = [float(s) - 1.0 for s in shape[::-1]]
     for k in range(ndim):  # same operations, in the same order, as the reference
         im[:, k] *= 2.0 / sizes[k]
-        pt[:, k] /= sizes[k]
+        pt[k] /= sizes[k]
     pt *= 2
     pt -= 1
     pt = _track(im, pt, niter, dedupe)
     pt += 1
     pt *= 0.5
     for k in range(ndim):
-        pt[:, k] *= sizes[k]
-    return pt.flip(1).T.int()
+        pt[k] *= sizes[k]
+    return pt.flip(0).int()
 
 
 # ---------------------------------------------------------------- seeds and masks

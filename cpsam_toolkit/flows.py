@@ -153,24 +153,25 @@ def object_centres(masks: np.ndarray, labels: np.ndarray, starts: np.ndarray) ->
     return centre
 
 
-def _crop_shape_key(size: np.ndarray) -> tuple[int, ...]:
-    """Round crop sizes up so that similar objects share a padded batch (≤ 25% per axis)."""
-    size = np.maximum(size, 4)
-    step = np.maximum(2 ** (np.floor(np.log2(size)).astype(np.int64) - 2), 1)
-    return tuple(int(v) for v in -(-size // step) * step)
+def _crop_shapes(sizes: np.ndarray) -> np.ndarray:
+    """Round (n, ndim) crop sizes up so that similar objects share a batch (≤ 25% per axis)."""
+    sizes = np.maximum(sizes, 4)
+    step = np.maximum(2 ** (np.floor(np.log2(sizes)).astype(np.int64) - 2), 1)
+    return -(-sizes // step) * step
 
 
-def _buckets(crop_sizes: np.ndarray, max_elements: int) -> list[tuple[np.ndarray, tuple[int, ...]]]:
-    """Group objects into batches of one padded crop shape, at most ``max_elements`` each."""
-    keys = [_crop_shape_key(s) for s in crop_sizes]
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, k in enumerate(keys):
-        groups.setdefault(k, []).append(i)
+def _buckets(
+    crop_shapes: np.ndarray, max_elements: int
+) -> list[tuple[np.ndarray, tuple[int, ...]]]:
+    """Batches of objects with one crop shape each, at most ``max_elements`` crop pixels each."""
+    shapes, group = np.unique(crop_shapes, axis=0, return_inverse=True)
+    group = group.reshape(-1)
     out = []
-    for k, idx in groups.items():
-        per = max(1, max_elements // int(np.prod(k)))
+    for g, shape in enumerate(shapes):
+        idx = np.flatnonzero(group == g)
+        per = max(1, max_elements // int(np.prod(shape)))
         for j in range(0, len(idx), per):
-            out.append((np.array(idx[j : j + per], np.int64), k))
+            out.append((idx[j : j + per], tuple(int(s) for s in shape)))
     return out
 
 
@@ -202,30 +203,33 @@ def _diffuse(inside: torch.Tensor, centre: torch.Tensor, n_iter: int) -> torch.T
     Returns
     -------
     (B, *crop) float32 tensor
-        Heat ``T`` after ``n_iter`` iterations.
+        Heat ``T`` after ``n_iter`` iterations (0 outside the object).
     """
     ndim = inside.ndim - 1
-    nneigh = 9.0 if ndim == 2 else 7.0
-    T = torch.zeros(inside.shape, dtype=torch.float32, device=inside.device)
+    B = inside.shape[0]
     inner = (slice(None),) + (slice(1, -1),) * ndim
-    w = inside[inner].to(torch.float32) / nneigh
-    flat = T.view(T.shape[0], -1)
-    src = torch.arange(T.shape[0], device=T.device)
+    w = inside[inner].to(torch.float32) / (9.0 if ndim == 2 else 7.0)
+    T = torch.zeros(inside.shape, dtype=torch.float32, device=inside.device)
+    T_next = torch.zeros_like(T)
+    src = torch.arange(B, device=T.device) * T[0].numel() + centre
+    buf = torch.empty_like(w)
+    if ndim == 2:
+        rows = torch.empty((B, inside.shape[1] - 2, inside.shape[2]), device=T.device)
     for _ in range(n_iter):
-        flat[src, centre] += 1.0
+        T.view(-1)[src] += 1.0
         # sums in mirror-symmetric order, so symmetric objects get exactly symmetric heat
         if ndim == 2:
-            s = T[:, :-2] + T[:, 2:]
-            s += T[:, 1:-1]
-            r = s[:, :, :-2] + s[:, :, 2:]
-            r += s[:, :, 1:-1]
+            torch.add(T[:, :-2], T[:, 2:], out=rows)
+            rows += T[:, 1:-1]
+            torch.add(rows[:, :, :-2], rows[:, :, 2:], out=buf)
+            buf += rows[:, :, 1:-1]
         else:
-            r = T[:, :-2, 1:-1, 1:-1] + T[:, 2:, 1:-1, 1:-1]
-            r += T[:, 1:-1, :-2, 1:-1] + T[:, 1:-1, 2:, 1:-1]
-            r += T[:, 1:-1, 1:-1, :-2] + T[:, 1:-1, 1:-1, 2:]
-            r += T[:, 1:-1, 1:-1, 1:-1]
-        r *= w
-        T[inner] = r
+            torch.add(T[:, :-2, 1:-1, 1:-1], T[:, 2:, 1:-1, 1:-1], out=buf)
+            buf += T[:, 1:-1, :-2, 1:-1] + T[:, 1:-1, 2:, 1:-1]
+            buf += T[:, 1:-1, 1:-1, :-2] + T[:, 1:-1, 1:-1, 2:]
+            buf += T[:, 1:-1, 1:-1, 1:-1]
+        torch.mul(buf, w, out=T_next[inner])
+        T, T_next = T_next, T
     return T
 
 
@@ -250,7 +254,7 @@ def diffusion_heat(
     device : str or torch.device, optional
         Default: CUDA, then MPS, then CPU.
     max_elements : int, optional
-        Crop elements per batch (default 2**19 on the CPU, 2**24 on GPUs).
+        Crop pixels per batch (default 2**19 on the CPU, 2**24 on GPUs).
 
     Returns
     -------
@@ -259,42 +263,40 @@ def diffusion_heat(
     """
     masks = _check_masks(masks)
     dev = resolve_device(device)
-    heat = torch.zeros([n + 2 for n in masks.shape], dtype=torch.float32, device=dev)
+    pshape = tuple(n + 2 for n in masks.shape)
+    heat = torch.zeros(int(np.prod(pshape)), dtype=torch.float32, device=dev)
     labels, starts, stops = _bboxes(masks)
     if len(labels) == 0:
-        return heat
+        return heat.view(pshape)
     n_iter = diffusion_iterations(starts, stops) if niter is None else int(niter)
     centres = object_centres(masks, labels, starts)
     if max_elements is None:
         max_elements = 2**19 if dev.type == "cpu" else 2**24
-    buckets = _buckets(stops - starts + 2, max_elements)
-    pad_after = np.max([shape for _, shape in buckets], axis=0)
-    masks_pad = np.pad(masks, [(1, int(p)) for p in pad_after])
-    for idx, shape in buckets:
+    crop_shapes = _crop_shapes(stops - starts + 2)
+    masks_pad = np.pad(masks, [(1, int(p)) for p in crop_shapes.max(0)])
+    for idx, shape in _buckets(crop_shapes, max_elements):
         origin = starts[idx] - 1
         inside_np = _gather_crops(masks_pad, labels[idx], origin, shape)
-        local = centres[idx] - origin
-        flat_centre = np.ravel_multi_index(tuple(local.T), shape)
+        flat_centre = np.ravel_multi_index(tuple((centres[idx] - origin).T), shape)
         inside = torch.from_numpy(inside_np).to(dev)
         T = _diffuse(inside, torch.from_numpy(flat_centre).to(dev), n_iter)
-        where = torch.nonzero(inside)
-        pos = torch.from_numpy(origin + 1).to(dev)[where[:, 0]] + where[:, 1:]
-        heat[tuple(pos.T)] = T[tuple(where.T)]
-    return heat
+        # write the object pixels back: crop (b, local) -> padded image (start + local)
+        where = np.flatnonzero(inside_np)
+        b, local = np.divmod(where, int(np.prod(shape)))
+        coords = np.stack(np.unravel_index(local, shape), 0) + starts[idx][b].T
+        target = torch.from_numpy(np.ravel_multi_index(tuple(coords), pshape)).to(dev)
+        heat.index_copy_(0, target, T.view(-1).index_select(0, torch.from_numpy(where).to(dev)))
+    return heat.view(pshape)
 
 
-def _unit_gradient(heat: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
-    """(ndim, N) float32 unit central differences of padded ``heat`` at ``fg`` (N, ndim) pixels."""
-    ndim = heat.ndim
-    grads = []
-    for d in range(ndim):
-        step = torch.zeros(ndim, dtype=fg.dtype, device=fg.device)
-        step[d] = 1
-        hi = heat[tuple((fg + 1 + step).T)]
-        lo = heat[tuple((fg + 1 - step).T)]
-        grads.append(hi - lo)
-    # float32 differences of float32 values are exact to half an ulp; normalising in float32
-    # would underflow for the tiny gradients at the far end of long objects
+def _unit_gradient(heat: torch.Tensor, fg: np.ndarray) -> torch.Tensor:
+    """(ndim, N) float32 unit central differences of padded ``heat`` at flat padded indices."""
+    flat = heat.reshape(-1)
+    idx = torch.from_numpy(fg).to(heat.device)
+    strides = [int(np.prod(heat.shape[d + 1 :])) for d in range(heat.ndim)]
+    grads = [flat.index_select(0, idx + s) - flat.index_select(0, idx - s) for s in strides]
+    # the float32 difference is exact to rounding; normalising in float32 would underflow for
+    # the tiny gradients at the far end of long objects
     g = torch.stack(grads).to(_wide_float(heat.device))
     norm = torch.sqrt((g * g).sum(0))
     return (g / torch.where(norm > 0, norm, torch.ones_like(norm))).to(torch.float32)
@@ -339,12 +341,14 @@ def masks_to_flows(
     """
     masks = _check_masks(masks)
     heat = diffusion_heat(masks, niter=niter, device=device)
-    fg_np = np.stack(np.nonzero(masks), 1)
-    out = np.zeros((masks.ndim, *masks.shape), np.float32)
-    if len(fg_np):
-        fg = torch.from_numpy(fg_np).to(heat.device)
-        out[(slice(None), *fg_np.T)] = _unit_gradient(heat, fg).cpu().numpy()
-    return out
+    fg = np.flatnonzero(masks)
+    out = np.zeros((masks.ndim, masks.size), np.float32)
+    if len(fg):
+        padded = np.ravel_multi_index(
+            tuple(c + 1 for c in np.unravel_index(fg, masks.shape)), heat.shape
+        )
+        out[:, fg] = _unit_gradient(heat, padded).cpu().numpy()
+    return out.reshape(masks.ndim, *masks.shape)
 
 
 def labels_to_training_targets(masks: np.ndarray, *, device: str | torch.device | None = None) -> np.ndarray:
