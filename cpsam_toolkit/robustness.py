@@ -335,6 +335,13 @@ def _model_description(model: Any) -> dict:
         if k == "config":
             v = v.to_dict() if hasattr(v, "to_dict") else v
         out[k] = v
+    path = out.get("path")
+    if path and "sha256" not in out and Path(str(path)).is_file():
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        out["sha256"] = h.hexdigest()  # which weights made the report
     return E._jsonable(out)
 
 
