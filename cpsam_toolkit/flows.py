@@ -12,13 +12,13 @@ Definition (the same as Cellpose 4.2 ``dynamics.masks_to_flows_gpu``):
   ``6 * max(d + h + w + 3)`` over the objects' bounding boxes.
 * each iteration: ``T[centre] += 1`` and then ``T = mask * (sum of T over the 3x3 (2D) or
   6-connected + self (3D) neighbourhood) / 9 (or 7)``; pixels of other objects count as 0.
-* flow = central differences of ``T``, normalised to unit length (0 where the gradient is 0).
+* flow = central differences of the image-wide ``T`` (so at an edge shared with another object
+  its heat is read), normalised to unit length (0 where the gradient is 0).
 
 Unlike the reference, which diffuses on the whole image in float64, each object is diffused on
 its own bounding-box crop; crops of similar size are batched into one zero-padded float32
-tensor. The result agrees with the reference to float32 rounding (measured on the real data in
-``tests/test_flows.py``: mean cosine similarity > 0.99999, 99.9th-percentile angle < 0.01 deg;
-see :func:`masks_to_flows`).
+tensor (about 30x less work on the CPU). The result agrees with the reference to float32
+rounding; see :func:`masks_to_flows` for the measured tolerance.
 """
 
 from __future__ import annotations
@@ -336,8 +336,13 @@ def masks_to_flows(
     confined to each object.
 
     Equals ``cellpose.dynamics.masks_to_flows_gpu(masks)[0]`` (2D; 4.2 returns ``(mu, slices)``
-    in float64) and ``masks_to_flows_gpu_3d`` (3D) up to float32 rounding. Measured on real
-    label images (``tests/test_flows.py``): TODO.
+    in float64) and ``masks_to_flows_gpu_3d(masks)`` (3D) up to float32 rounding. Measured on
+    real label images (DSB 2018 nuclei 520x696, usiigaci phase contrast, CoNSeP, the QCANet
+    embryo volume; ``tests/test_flows.py``): mean cosine similarity > 1 - 1e-10, 99th percentile
+    of the angle difference < 3e-5 degree, 99.9th < 0.0015 degree, largest component difference
+    < 1e-3, no pixel over 1 degree. The exception is a pixel whose exact gradient is zero (the
+    centre of an object symmetric about it): there both directions are rounding noise, and one
+    side may be 0 while the other is a unit vector (4 of 66,000 pixels in one DSB image).
     """
     masks = _check_masks(masks)
     heat = diffusion_heat(masks, niter=niter, device=device)
