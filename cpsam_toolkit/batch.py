@@ -555,11 +555,33 @@ def model_loads() -> int:
     return _MODEL_LOADS
 
 
+def worker_model(spec: ModelSpec | CellposeSAM) -> CellposeSAM:
+    """On a worker: the model of a spec (loaded once per process), or a shipped model object."""
+    return cached_model(spec) if isinstance(spec, ModelSpec) else spec
+
+
+def model_file(model: Any) -> str | None:
+    """The weights file a model was loaded from, if any (workers can load it themselves)."""
+    info = getattr(model, "info", None) or {}
+    path = info.get("path")
+    return str(path) if path and Path(path).is_file() else None
+
+
+def model_for_workers(client: Any, model: ModelSpec | CellposeSAM) -> Any:
+    """What tasks get as their model: a :class:`ModelSpec` (workers load the file once), or,
+    for a model object without a file (e.g. fine-tuned in memory), the object sent once to
+    every worker (``client.scatter(..., broadcast=True)``; it runs there on the CPU device it
+    was pickled with)."""
+    if isinstance(model, ModelSpec):
+        return model
+    return client.scatter(model, broadcast=True, hash=False)
+
+
 def run_chunk(
-    spec: ModelSpec, jobs: Sequence[ImageJob], out_dir: str, settings: PlateSettings
+    spec: ModelSpec | CellposeSAM, jobs: Sequence[ImageJob], out_dir: str, settings: PlateSettings
 ) -> list[dict[str, Any]]:
-    """A Dask task: segment a chunk of images with the worker's cached model."""
-    return segment_jobs(cached_model(spec), jobs, out_dir, settings)
+    """A Dask task: segment a chunk of images with the worker's model."""
+    return segment_jobs(worker_model(spec), jobs, out_dir, settings)
 
 
 try:  # the plugin class needs distributed; the rest of this module does not
@@ -631,7 +653,8 @@ def local_cluster(
             gpus = 0
     if torch_threads is None:
         torch_threads = max(1, (os.cpu_count() or 1) // max(1, n_workers))
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": False}}
+    scheduler = {"cls": Scheduler,
+                 "options": {"host": "127.0.0.1", "dashboard": False, "dashboard_address": ":0"}}
     workers = {}
     for i in range(n_workers):
         env = {"OMP_NUM_THREADS": str(torch_threads), "MKL_NUM_THREADS": str(torch_threads)}
@@ -746,8 +769,8 @@ def _model_identity(model: CellposeSAM) -> dict[str, Any]:
 def write_failures(out_dir: Path, failed: Sequence[tuple[str, str]]) -> None:
     path = out_dir / FAILURES
     if failed:
-        out.write_text_atomic(path, out.csv_text([{"path": p, "reason": r} for p, r in failed],
-                                                 ("path", "reason")))
+        rows = [{"path": p, "reason": r} for p, r in sorted(failed)]
+        out.write_text_atomic(path, out.csv_text(rows, ("path", "reason")))
     else:
         path.unlink(missing_ok=True)
 
@@ -806,7 +829,8 @@ def run_plate(
         Redo every image even if the manifest says it is finished.
     client
         A ``dask.distributed.Client``: run chunks of ``chunk_size`` images as tasks on its
-        workers (each loads the model once; they must see ``out_dir`` and the inputs).
+        workers (each loads the model file once, or gets a model object without a file once;
+        they must see ``out_dir`` and the inputs).
     torch_threads
         With ``client``: torch threads per worker (None leaves the workers' setting).
     progress
@@ -833,7 +857,7 @@ def run_plate(
     spec = None
     if hasattr(model, "iter_segment"):  # a model object (CellposeSAM or compatible)
         identity = _model_identity(model)
-        if client is not None:
+        if client is not None and model_file(model):
             spec = ModelSpec.from_model(model, device)
     elif client is None:
         model = load_model(model, device=device, dtype=dtype)
@@ -910,8 +934,8 @@ def run_plate(
             elif client is None:
                 segment_jobs(model, todo, out_dir, settings, on_record=finish)
             else:
-                _run_distributed(client, spec, todo, out_dir, settings, finish, chunk_size,
-                                 torch_threads)
+                _run_distributed(client, spec if spec is not None else model, todo, out_dir,
+                                 settings, finish, chunk_size, torch_threads)
         finally:
             if bar is not None:
                 bar.close()
@@ -925,7 +949,7 @@ def run_plate(
 
 def _run_distributed(
     client: Any,
-    spec: ModelSpec,
+    spec: ModelSpec | CellposeSAM,
     todo: Sequence[ImageJob],
     out_dir: Path,
     settings: PlateSettings,
@@ -936,6 +960,7 @@ def _run_distributed(
     from distributed import as_completed
 
     client.register_plugin(WorkerSetup(torch_threads), name=WorkerSetup.name)
+    spec = model_for_workers(client, spec)
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))
     if chunk_size is None:  # ~4 tasks per worker, at most 16 images each
         chunk_size = max(1, min(16, math.ceil(len(todo) / (4 * n_workers))))

@@ -352,9 +352,9 @@ def segment_blocks(
 
 def _pass1_task(spec: Any, source: Source, blocks: Sequence[Block], settings: _Settings,
                 lowhigh: Any, tmp: str) -> dict[tuple[int, int], int]:
-    from .batch import cached_model
+    from .batch import worker_model
 
-    return segment_blocks(cached_model(spec), source, blocks, settings, lowhigh, tmp)
+    return segment_blocks(worker_model(spec), source, blocks, settings, lowhigh, tmp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -657,10 +657,10 @@ def _pass1_distributed(
 ) -> dict[tuple[int, int], int]:
     from distributed import as_completed
 
-    from .batch import ModelSpec, WorkerSetup
+    from .batch import ModelSpec, WorkerSetup, model_file, model_for_workers
 
-    spec = ModelSpec.from_model(model, device)
     client.register_plugin(WorkerSetup(), name=WorkerSetup.name)
+    spec = model_for_workers(client, ModelSpec.from_model(model, device) if model_file(model) else model)
     if source.path is None:  # workers need a file: copy the array into the temporary folder
         source = _to_zarr(source, tmp / "input.zarr")
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))

@@ -14,10 +14,17 @@ from pathlib import Path
 
 import pytest
 import tifffile
-from test_cli_segment import make_plate, small_stems, temp_files, tiny_model  # noqa: F401
+from test_cli_segment import (  # noqa: F401
+    gradient_cellpose,
+    gradient_model,
+    make_plate,
+    temp_files,
+    tiny_model,
+)
 
 from cpsam_toolkit import batch
 from cpsam_toolkit.cli import main
+from cpsam_toolkit.segment import MaskOptions
 
 DSB = "dsb2018_stage1_train_fixed"
 
@@ -96,13 +103,13 @@ class BreaksOnShape:
         return self.model.iter_segment(check(images), *args, **kwargs)
 
 
-def test_error_inside_stream_is_pinned_on_its_image(tmp_path, data_dir, tiny_model):  # noqa: F811
-    from cpsam_toolkit.segment import NetOptions, load_model
+def test_error_inside_stream_is_pinned_on_its_image(tmp_path, data_dir):
+    from cpsam_toolkit.segment import NetOptions
 
     good, _ = make_plate(data_dir, tmp_path / "plate", 5, broken=False)
     img = tifffile.imread(tmp_path / "plate" / f"{good[0]}.tif")
     tifffile.imwrite(tmp_path / "plate" / "m_bad.tif", img[:250, :250])
-    model = load_model(tiny_model)
+    model = gradient_cellpose()
     net = NetOptions(batch_size=3)
     with torch_threads(1):
         rep = batch.run_plate(tmp_path / "plate", tmp_path / "out", BreaksOnShape(model, 250),
@@ -118,39 +125,57 @@ def test_error_inside_stream_is_pinned_on_its_image(tmp_path, data_dir, tiny_mod
 # --------------------------------------------------------------------------------------------
 # resume after SIGKILL
 # --------------------------------------------------------------------------------------------
-def _cli(plate: Path, out: Path, model: Path) -> list[str]:
-    return [sys.executable, "-m", "cpsam_toolkit", "segment", str(plate), "--out", str(out),
-            "--model", str(model), "--batch-size", "2", "--no-progress", "--save-outlines"]
+RUN = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_cli_segment import gradient_cellpose
+from cpsam_toolkit.batch import OutputOptions, run_plate
+from cpsam_toolkit.segment import NetOptions
+
+rep = run_plate({plate!r}, {out!r}, gradient_cellpose(), net_options=NetOptions(batch_size=2),
+                outputs=OutputOptions(outlines=True, rois=True))
+print(rep.line())
+sys.exit(0 if rep.ok else 1)
+"""
 
 
-def test_sigkill_mid_plate_then_resume_is_byte_identical(tmp_path, data_dir, tiny_model):  # noqa: F811
+def _run(plate: Path, out: Path) -> list[str]:
+    code = RUN.format(tests=str(Path(__file__).parent), plate=str(plate), out=str(out))
+    return [sys.executable, "-c", code]
+
+
+def test_sigkill_mid_plate_then_resume_is_byte_identical(tmp_path, data_dir):
     n = 16
     good, _ = make_plate(data_dir, tmp_path / "plate", n, broken=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref, out = tmp_path / "ref", tmp_path / "out"
-    done = subprocess.run(_cli(tmp_path / "plate", ref, tiny_model), env=env, capture_output=True,
-                          text=True, timeout=900)
+    done = subprocess.run(_run(tmp_path / "plate", ref), env=env, capture_output=True, text=True,
+                          timeout=900)
     assert done.returncode == 0, done.stderr
     assert len(read_masks(ref)) == n
+    assert sum(json.loads(ln)["n_objects"] for ln in manifest_lines(ref)) > 10 * n  # real masks
 
-    proc = subprocess.Popen(_cli(tmp_path / "plate", out, tiny_model), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_run(tmp_path / "plate", out), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 600
         while len(manifest_lines(out)) < 3 and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.05)
+            time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
     finished_before = len(manifest_lines(out))
     assert 3 <= finished_before < n, f"could not kill mid-plate ({finished_before} of {n} finished)"
 
-    resumed = subprocess.run(_cli(tmp_path / "plate", out, tiny_model), env=env, capture_output=True,
-                             text=True, timeout=900)
+    resumed = subprocess.run(_run(tmp_path / "plate", out), env=env, capture_output=True, text=True,
+                             timeout=900)
     assert resumed.returncode == 0, resumed.stderr
     skipped = int(resumed.stdout.split(" skipped")[0].split(", ")[-1])
-    assert skipped >= finished_before - 1  # the last manifest line may be torn by the kill
+    assert finished_before - 1 <= skipped < n  # the last manifest line may be torn by the kill
     assert read_masks(out) == read_masks(ref)  # byte-identical
+    for s in good:  # the other outputs too
+        assert (out / f"{s}_rois.zip").read_bytes() == (ref / f"{s}_rois.zip").read_bytes()
+        assert (out / f"{s}_outlines.png").read_bytes() == (ref / f"{s}_outlines.png").read_bytes()
     stems_done = {json.loads(ln)["stem"] for ln in manifest_lines(out) if ln.endswith("}")}
     assert stems_done == set(good)
     assert temp_files(out) == []
@@ -171,39 +196,55 @@ def client():
     cluster.close()
 
 
-def test_dask_equals_single_process_and_loads_once_per_worker(tmp_path, data_dir, tiny_model, client):  # noqa: F811
-    from cpsam_toolkit.segment import load_model
-
+def test_dask_equals_single_process(tmp_path, data_dir, gradient_model, client):  # noqa: F811
     good, bad = make_plate(data_dir, tmp_path / "plate", 8)
     with torch_threads(1):
-        single = batch.run_plate(tmp_path / "plate", tmp_path / "single", load_model(tiny_model),
-                                 summary=True)
-    dist = batch.run_plate(tmp_path / "plate", tmp_path / "dask", str(tiny_model), client=client,
-                           chunk_size=2, torch_threads=1, summary=True)
+        single = batch.run_plate(tmp_path / "plate", tmp_path / "single", gradient_model,
+                                 summary=True, outputs=batch.OutputOptions(rois=True))
+    # a model object without a weights file is sent to each worker once
+    dist = batch.run_plate(tmp_path / "plate", tmp_path / "dask", gradient_model, client=client,
+                           chunk_size=2, torch_threads=1, summary=True,
+                           outputs=batch.OutputOptions(rois=True))
     assert sorted(dist.segmented) == sorted(single.segmented) == sorted(good)
     assert sorted(Path(p).stem for p, _ in dist.failed) == sorted(bad)
+    assert single.n_objects > 10 * len(good)  # real masks, not empty ones
+    assert dist.n_objects == single.n_objects
     assert read_masks(tmp_path / "dask") == read_masks(tmp_path / "single")
+    for s in good:
+        assert (tmp_path / "dask" / f"{s}_rois.zip").read_bytes() == \
+            (tmp_path / "single" / f"{s}_rois.zip").read_bytes()
     summary = (tmp_path / "dask" / "summary.csv").read_text()
     assert summary == (tmp_path / "single" / "summary.csv").read_text()
-    assert dist.n_objects == single.n_objects
-    loads = client.run(batch.model_loads)
-    assert set(loads.values()) <= {0, 1} and sum(loads.values()) >= 1, loads
+    assert (tmp_path / "dask" / "failures.csv").read_text() == \
+        (tmp_path / "single" / "failures.csv").read_text()
 
-    # a second plate on the same workers reuses their models
-    again = batch.run_plate(tmp_path / "plate", tmp_path / "dask2", str(tiny_model), client=client,
-                            chunk_size=3, torch_threads=1)
-    assert read_masks(tmp_path / "dask2") == read_masks(tmp_path / "single")
-    assert client.run(batch.model_loads) == loads
-    assert again.ok is False  # the broken files
+
+def test_dask_workers_load_the_model_file_once(tmp_path, data_dir, tiny_model, client):  # noqa: F811
+    make_plate(data_dir, tmp_path / "plate", 6, broken=False)
+    fast = MaskOptions(cellprob_threshold=8.0)  # random weights: nothing to track, quick
+    before = client.run(batch.model_loads)
+    with torch_threads(1):
+        single = batch.run_plate(tmp_path / "plate", tmp_path / "single", str(tiny_model),
+                                 mask_options=fast)
+    for i in range(2):
+        dist = batch.run_plate(tmp_path / "plate", tmp_path / f"dask{i}", str(tiny_model),
+                               client=client, chunk_size=1, torch_threads=1, mask_options=fast)
+        assert dist.ok and len(dist.segmented) == 6
+        assert read_masks(tmp_path / f"dask{i}") == read_masks(tmp_path / "single")
+    loads = client.run(batch.model_loads)
+    new = {w: loads[w] - before.get(w, 0) for w in loads}
+    assert set(new.values()) <= {0, 1} and sum(new.values()) >= 1, new
+    assert single.ok
 
 
 def test_cli_dask_local_cluster(tmp_path, data_dir, tiny_model, capsys):  # noqa: F811
     good, _ = make_plate(data_dir, tmp_path / "plate", 4, broken=False)
     with torch_threads(1):
         assert main(["segment", str(tmp_path / "plate"), "--out", str(tmp_path / "single"),
-                     "--model", str(tiny_model), "--no-progress"]) == 0
+                     "--model", str(tiny_model), "--no-progress", "--cellprob-threshold", "8"]) == 0
     rc = main(["segment", str(tmp_path / "plate"), "--out", str(tmp_path / "dask"), "--model",
-               str(tiny_model), "--no-progress", "--dask", "--workers", "2", "--torch-threads", "1"])
+               str(tiny_model), "--no-progress", "--dask", "--workers", "2", "--torch-threads", "1",
+               "--cellprob-threshold", "8"])
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     assert "dask: 2 workers" in cap.err

@@ -11,7 +11,7 @@ import pytest
 import tifffile
 from scipy import ndimage
 from test_batch import client, torch_threads  # noqa: F401
-from test_cli_segment import tiny_model  # noqa: F401
+from test_cli_segment import gradient_model, tiny_model  # noqa: F401
 
 from cpsam_toolkit import blockwise, outputs, preprocess
 from cpsam_toolkit.segment import InputOptions, MaskOptions, SegmentationResult
@@ -191,50 +191,6 @@ def test_blocks_get_the_whole_image_normalisation(tmp_path, data_dir):
 # --------------------------------------------------------------------------------------------
 # the real pipeline (tiling, network, dynamics) blockwise vs whole image
 # --------------------------------------------------------------------------------------------
-class GradientNet:
-    """A deterministic stand-in network for CI (random weights segment nothing useful): flows
-    point up the gradient of the smoothed first channel (x5, like the trained network's
-    output), cell probability is the smoothed intensity above a level. It is convolutional,
-    so like a trained network it is almost translation-invariant, with tile-edge effects."""
-
-    def __new__(cls, sigma: float = 2.0, level: float = 0.25):
-        import torch
-        import torch.nn.functional as F
-
-        from cpsam_toolkit.network import get_config
-
-        class _Net(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.cfg = get_config("tiny")
-                r = int(3 * sigma)
-                t = torch.arange(-r, r + 1, dtype=torch.float32)
-                g = torch.exp(-(t**2) / (2 * sigma**2))
-                g = g / g.sum()
-                self.register_buffer("g", g)
-                self.r = r
-
-            def forward(self, x):
-                s = x[:, :1].float()
-                s = F.pad(s, (self.r,) * 4, mode="reflect")
-                s = F.conv2d(s, self.g.view(1, 1, 1, -1))
-                s = F.conv2d(s, self.g.view(1, 1, -1, 1))
-                dy = F.pad(s[:, :, 2:] - s[:, :, :-2], (0, 0, 1, 1), mode="replicate")
-                dx = F.pad(s[..., 2:] - s[..., :-2], (1, 1, 0, 0), mode="replicate")
-                mag = torch.sqrt(dy**2 + dx**2) + 1e-6
-                out = torch.cat([5 * dy / mag, 5 * dx / mag, 20 * (s - level)], 1)
-                return out.to(x.dtype)
-
-        return _Net().eval()
-
-
-@pytest.fixture(scope="module")
-def gradient_model():
-    from cpsam_toolkit.segment import CellposeSAM
-
-    return CellposeSAM(GradientNet(), device="cpu", dtype="fp32", name="gradient")
-
-
 def blockwise_vs_whole(data_dir, model, size: int, block: int, tmp_path: Path):
     from cpsam_toolkit.metrics import average_precision
 
@@ -251,7 +207,7 @@ def blockwise_vs_whole(data_dir, model, size: int, block: int, tmp_path: Path):
     return ap, whole, res, ap_gt_whole, ap_gt_block
 
 
-def test_blockwise_matches_whole_image_1024(tmp_path, data_dir, gradient_model):
+def test_blockwise_matches_whole_image_1024(tmp_path, data_dir, gradient_model):  # noqa: F811
     ap, whole, res, ap_w, ap_b = blockwise_vs_whole(data_dir, gradient_model, 1024, 384, tmp_path)
     assert whole.n_objects > 200  # a real segmentation, not an empty one
     assert ap_w > 0.2  # it finds nuclei (a crude stand-in, not a trained model)
@@ -260,23 +216,34 @@ def test_blockwise_matches_whole_image_1024(tmp_path, data_dir, gradient_model):
 
 
 @pytest.mark.slow
-def test_blockwise_matches_whole_image_4096(tmp_path, data_dir, gradient_model):
+def test_blockwise_matches_whole_image_4096(tmp_path, data_dir, gradient_model):  # noqa: F811
     ap, whole, res, _, _ = blockwise_vs_whole(data_dir, gradient_model, 4096, 1024, tmp_path)
     assert whole.n_objects > 5000
     assert ap[0] >= 0.98
 
 
-def test_dask_blockwise_equals_serial(tmp_path, data_dir, tiny_model, client):  # noqa: F811
+def test_dask_blockwise_equals_serial(tmp_path, data_dir, gradient_model, tiny_model, client):  # noqa: F811
     from cpsam_toolkit.segment import load_model
 
     img, _ = mosaic(data_dir, 768)
+    tifffile.imwrite(tmp_path / "img.tif", img, tile=(256, 256))
     with torch_threads(1):
-        serial = blockwise.segment_blockwise(img, load_model(tiny_model), tmp_path / "s.zarr",
+        serial = blockwise.segment_blockwise(img, gradient_model, tmp_path / "s.zarr",
                                              block_size=256, halo=48)
-    dist = blockwise.segment_blockwise(img, load_model(tiny_model), tmp_path / "d.zarr",
+    # in-memory input and a model object without a file: both are shipped to the workers
+    dist = blockwise.segment_blockwise(img, gradient_model, tmp_path / "d.zarr",
                                        block_size=256, halo=48, client=client, blocks_per_task=3)
+    assert serial.n_objects > 100
     assert dist.n_objects == serial.n_objects
     assert np.array_equal(dist.read(), serial.read())
+    # a TIFF path and a weights file: the workers read and load them themselves
+    fast = MaskOptions(cellprob_threshold=8.0)
+    with torch_threads(1):
+        a = blockwise.segment_blockwise(tmp_path / "img.tif", load_model(tiny_model), tmp_path / "a.zarr",
+                                        block_size=384, halo=48, mask_options=fast)
+    b = blockwise.segment_blockwise(tmp_path / "img.tif", load_model(tiny_model), tmp_path / "b.zarr",
+                                    block_size=384, halo=48, mask_options=fast, client=client)
+    assert np.array_equal(a.read(), b.read())
 
 
 def test_cli_blockwise(tmp_path, data_dir, tiny_model, capsys):  # noqa: F811
@@ -285,7 +252,8 @@ def test_cli_blockwise(tmp_path, data_dir, tiny_model, capsys):  # noqa: F811
     img, _ = mosaic(data_dir, 512)
     tifffile.imwrite(tmp_path / "slide.tif", (img * 10).astype(np.uint16), tile=(256, 256))
     args = ["segment", str(tmp_path / "slide.tif"), "--out", str(tmp_path / "out"), "--model",
-            str(tiny_model), "--blockwise", "--block-size", "256", "--halo", "32", "--no-progress"]
+            str(tiny_model), "--blockwise", "--block-size", "256", "--halo", "32", "--no-progress",
+            "--cellprob-threshold", "8"]
     assert main(args) == 0
     out = tmp_path / "out" / "slide_masks.zarr"
     import zarr
