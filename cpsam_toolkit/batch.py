@@ -628,22 +628,17 @@ def _worker_number(worker: Any) -> int:
     return int(m.group(1)) if m else abs(hash(str(name)))
 
 
-def local_cluster(
+def local_cluster_spec(
     n_workers: int = 2,
     threads_per_worker: int = 1,
     torch_threads: int | None = None,
     gpus: int | None = None,
     memory_limit: str | float | None = "auto",
-    silence_logs: int | bool = False,
-):
-    """A ``dask.distributed`` cluster of worker processes on this machine (127.0.0.1).
+) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """Scheduler and worker specs of :func:`local_cluster` (``SpecCluster`` format)."""
+    from distributed import Nanny, Scheduler
 
-    With GPUs (``gpus``; default: all CUDA devices), worker ``i`` sees only GPU ``i % gpus``
-    through ``CUDA_VISIBLE_DEVICES``, set before the worker process starts. ``torch_threads``
-    (default: CPU cores / workers) is each worker's torch intra-op thread count.
-    """
-    from distributed import Nanny, Scheduler, SpecCluster
-
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
     if gpus is None:
         try:
             import torch
@@ -655,16 +650,37 @@ def local_cluster(
         torch_threads = max(1, (os.cpu_count() or 1) // max(1, n_workers))
     scheduler = {"cls": Scheduler,
                  "options": {"host": "127.0.0.1", "dashboard": False, "dashboard_address": ":0"}}
-    workers = {}
+    workers: dict[int, dict[str, Any]] = {}
     for i in range(n_workers):
         env = {"OMP_NUM_THREADS": str(torch_threads), "MKL_NUM_THREADS": str(torch_threads)}
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+        if gpus:  # the i-th of the GPUs this process may use
+            env["CUDA_VISIBLE_DEVICES"] = visible[i % gpus] if len(visible) >= gpus else str(i % gpus)
         opts: dict[str, Any] = {"nthreads": threads_per_worker, "host": "127.0.0.1", "env": env,
                                 "name": i}
         if memory_limit is not None:
             opts["memory_limit"] = memory_limit
         workers[i] = {"cls": Nanny, "options": opts}
+    return scheduler, workers
+
+
+def local_cluster(
+    n_workers: int = 2,
+    threads_per_worker: int = 1,
+    torch_threads: int | None = None,
+    gpus: int | None = None,
+    memory_limit: str | float | None = "auto",
+    silence_logs: int | bool = False,
+):
+    """A ``dask.distributed`` cluster of worker processes on this machine (127.0.0.1).
+
+    With GPUs (``gpus``; default: all CUDA devices this process sees), worker ``i`` sees only
+    GPU ``i % gpus`` through ``CUDA_VISIBLE_DEVICES``, set before the worker process starts.
+    ``torch_threads`` (default: CPU cores / workers) sets the workers' OpenMP/MKL threads.
+    """
+    from distributed import SpecCluster
+
+    scheduler, workers = local_cluster_spec(n_workers, threads_per_worker, torch_threads, gpus,
+                                            memory_limit)
     return SpecCluster(workers=workers, scheduler=scheduler, name="cpsam-local",
                        silence_logs=silence_logs)
 

@@ -259,3 +259,26 @@ def test_invalid_options_raise_instead_of_looping(tmp_path, data_dir, tiny_model
     with pytest.raises(ValueError, match="diameter"):
         batch.run_plate(tmp_path / "plate", tmp_path / "out", str(tiny_model),
                         input_options=InputOptions(diameter=-3))
+
+
+def test_one_gpu_per_worker(monkeypatch):
+    """Without GPUs here, check the assignment logic: the local cluster gives worker i the i-th
+    visible GPU; the worker plugin pins a worker that sees several GPUs to one of them."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5,7")
+    _, workers = batch.local_cluster_spec(4, torch_threads=3, gpus=3)
+    envs = [workers[i]["options"]["env"] for i in range(4)]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["2", "5", "7", "2"]
+    assert all(e["OMP_NUM_THREADS"] == "3" for e in envs)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    _, workers = batch.local_cluster_spec(2, gpus=0)
+    assert all("CUDA_VISIBLE_DEVICES" not in w["options"]["env"] for w in workers.values())
+
+    class FakeWorker:
+        name = "SLURMCluster-4"
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    batch.WorkerSetup(pin_gpu=True).setup(FakeWorker())
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "4"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # the job scheduler gave it one: kept
+    batch.WorkerSetup(pin_gpu=True).setup(FakeWorker())
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
