@@ -104,7 +104,7 @@ of the box and for tests, notebooks and demos. For real work use the official `c
 | sampling | per epoch {mix} (fraction of images drawn from each set) |
 | checkpoint | best {criterion} — after epoch {best_epoch} of {epochs_done} trained so far |
 | status | {status} |
-
+{warning}
 ## Data and licences
 
 | set | images (train / val) | licence |
@@ -133,8 +133,9 @@ python scripts/train_shipped_model.py --export      # best checkpoint -> cpsam_t
 ```
 
 The run is resumable (state written atomically every epoch in `runs/shipped/state.pt`): after a
-kill, the same command continues from the last completed epoch. Same seed and thread count give
-the same weights.
+kill, the same command continues from the last completed epoch. With one thread, the same seed
+gives the same weights. To train longer, resume with `--epochs N` (N > 60) before the first
+learning-rate step (75% of the epochs), so the schedule stretches without a jump.
 
 ## Limitations
 
@@ -189,6 +190,9 @@ def export(run: Path, dest: Path = MODELS / "cpsam_small.pt") -> None:
         n_us_tr=len(split["train"]["usiigaci"]), n_us_va=len(split["val"]["usiigaci"]),
         n_cs_tr=len(split["train"]["consep"]), n_cs_va=len(split["val"]["consep"]),
         tile=split["consep_val_tile"], table=_table(history),
+        warning=("" if ((meta.get("val") or {}).get("val_ap50") or 0) >= 0.3 else
+                 "\n**Warning: this is an early checkpoint of a run still in progress; it does not segment "
+                 "usefully yet (see the validation table). Use the official `cpsam` weights meanwhile.**\n"),
         hours=max(1, round(sum(h.get("time", 0) for h in history) / 3600 * rec.epochs / max(done, 1))),
     )
     (MODELS / "MODEL_CARD.md").write_text(card)
