@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from cpsam_toolkit.device import resolve_device
-from cpsam_toolkit.flows import masks_to_flows
+from cpsam_toolkit.flows import _bboxes, _buckets, _crop_shapes, _gather_crops, masks_to_flows
 
 __all__ = [
     "compute_masks",
@@ -41,21 +41,19 @@ _SEED_RADIUS = 5  # seed windows are (2r+1)^ndim; r dilations grow the seed
 # ---------------------------------------------------------------- tracking
 
 
-def _dedupe(pt: torch.Tensor, owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _dedupe(pt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge tracked points with bit-identical positions (one hash-table pass, exact).
 
     Parameters
     ----------
     pt : (ndim, N) float32 tensor
         Active positions.
-    owner : (P,) int64 tensor
-        For every original pixel, its column in ``pt``.
 
     Returns
     -------
-    (ndim, M) float32 tensor and (P,) int64 tensor
+    (ndim, M) float32 tensor and (N,) int64 tensor
         The merged positions (hash collisions may leave some duplicates, which is harmless) and
-        the new owners.
+        for each input column its column in the output.
     """
     n = pt.shape[1]
     ar = torch.arange(n, device=pt.device)
@@ -74,7 +72,22 @@ def _dedupe(pt: torch.Tensor, owner: torch.Tensor) -> tuple[torch.Tensor, torch.
     new_index = torch.cumsum(~dup, 0) - 1
     remap = new_index.index_select(0, torch.where(dup, cand, ar))
     kept = torch.nonzero(~dup).squeeze(1)
-    return pt.index_select(1, kept), remap.index_select(0, owner)
+    return pt.index_select(1, kept), remap
+
+
+def _split(pt: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Pad (ndim, N) positions to a multiple of the batch count used for ``grid_sample``.
+
+    The CPU ``grid_sample`` kernel runs its batch dimension in parallel, so the points are split
+    into one batch per thread (the flow image is expanded, not copied). Padding columns repeat
+    column 0 and are never read back.
+    """
+    n = pt.shape[1]
+    nb = min(torch.get_num_threads(), max(1, n // 2**15)) if pt.device.type == "cpu" else 1
+    extra = (-n) % nb
+    if extra:
+        pt = torch.cat([pt, pt[:, :1].expand(-1, extra)], 1)
+    return pt, nb
 
 
 def _track(
@@ -98,21 +111,33 @@ def _track(
         Final positions.
     """
     ndim, n0 = pt.shape
-    owner = torch.arange(n0, device=pt.device)
+    remaps = []
     next_check, interval = 15, 10
+    pt, nb = _split(pt)
     for t in range(niter):
         if dedupe and t == next_check and niter - t > 10:
             before = pt.shape[1]
-            pt, owner = _dedupe(pt, owner)
+            pt, remap = _dedupe(pt)
+            remaps.append(remap)
             # back off while merging does not pay (a merge costs a few steps)
             interval = interval if pt.shape[1] < 0.9 * before else 2 * interval
             next_check = t + interval
-        # planar storage, viewed as the (1, [1,] 1, N, ndim) grid: no copies per step
-        grid = pt.T.view(*([1] * ndim), pt.shape[1], ndim)
-        step = F.grid_sample(im, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        pt += step.view(ndim, -1)
+            pt, nb = _split(pt)
+        # planar storage viewed as an (nb, [1,] 1, N/nb, ndim) grid: no copies per step
+        n = pt.shape[1] // nb
+        grid = pt.T.reshape(nb, *([1] * (ndim - 1)), n, ndim)
+        step = F.grid_sample(im.expand(nb, *im.shape[1:]), grid, mode="bilinear",
+                             padding_mode="zeros", align_corners=False)
+        pt.view(ndim, nb, n).add_(step.view(nb, ndim, n).transpose(0, 1))
         pt.clamp_(-1.0, 1.0)
-    return pt.index_select(1, owner) if pt.shape[1] != n0 else pt
+    if not remaps:
+        return pt[:, :n0]
+    # compose the merges last to first: the sizes shrink, so this is cheaper than updating an
+    # owner per original pixel at every merge
+    owner = remaps[-1]
+    for remap in remaps[-2::-1]:
+        owner = owner.index_select(0, remap)
+    return pt.index_select(1, owner[:n0])
 
 
 def follow_flows(
@@ -153,6 +178,8 @@ def follow_flows(
     """
     dev = resolve_device(device)
     ndim = dP.shape[0]
+    if len(inds[0]) == 0:
+        return torch.zeros((ndim, 0), dtype=torch.int32, device=dev)
     shape = dP.shape[1:]
     im = torch.zeros((1, ndim, *shape), dtype=torch.float32, device=dev)
     pt = torch.zeros((ndim, len(inds[0])), dtype=torch.float32, device=dev)
@@ -273,13 +300,18 @@ def get_masks(
     return _renumber(masks)
 
 
+def _drop_labels(masks: np.ndarray, drop: np.ndarray) -> np.ndarray:
+    """Set the given labels to 0 (lookup table; ``drop`` is a bool array indexed by label)."""
+    if drop[1:].any():
+        lut = np.arange(len(drop), dtype=masks.dtype)
+        lut[drop] = 0
+        masks = lut[masks]
+    return masks
+
+
 def _remove_big(masks: np.ndarray, max_size_fraction: float) -> np.ndarray:
     counts = np.bincount(masks.ravel())
-    big = np.flatnonzero(counts > masks.size * max_size_fraction)
-    big = big[big > 0]
-    if len(big):
-        masks[np.isin(masks, big)] = 0
-    return masks
+    return _drop_labels(masks, counts > masks.size * max_size_fraction)
 
 
 def _renumber(masks: np.ndarray) -> np.ndarray:
@@ -341,11 +373,8 @@ def remove_bad_flow_masks(
         Labels 1..N in raster first-appearance order.
     """
     err = flow_errors(masks, flows, device=device)
-    bad = np.flatnonzero(err > threshold) + 1
-    masks = np.array(masks, dtype=np.uint32)
-    if len(bad):
-        masks[np.isin(masks, bad)] = 0
-    return _renumber(masks)
+    bad = np.concatenate([[False], err > threshold])
+    return _renumber(_drop_labels(np.array(masks, dtype=np.uint32), bad))
 
 
 # ---------------------------------------------------------------- holes and small masks
@@ -353,11 +382,64 @@ def remove_bad_flow_masks(
 
 def _remove_small(masks: np.ndarray, min_size: int) -> np.ndarray:
     counts = np.bincount(masks.ravel())
-    small = np.flatnonzero(counts < min_size)
-    small = small[small > 0]
-    if len(small):
-        masks[np.isin(masks, small)] = 0
-    return _renumber(masks).astype(np.uint32)
+    return _renumber(_drop_labels(masks, counts < min_size)).astype(np.uint32)
+
+
+_FOUR_CONNECTED_PER_CROP = np.array(
+    [[[0, 0, 0], [0, 0, 0], [0, 0, 0]], [[0, 1, 0], [1, 1, 1], [0, 1, 0]],
+     [[0, 0, 0], [0, 0, 0], [0, 0, 0]]], bool
+)
+
+
+def _holes_2d(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Holes of every 2D mask within its bounding box, as ``fill_voids.fill`` finds them.
+
+    A hole of mask ``i`` is a 4-connected region of pixels that are not ``i`` inside the
+    bounding box and do not touch its edge. Masks are processed as batches of padded crops
+    with one connected-component labelling per batch.
+
+    Returns
+    -------
+    (K,) int64 array, (K,) int64 array
+        Flat pixel index and label of every hole pixel.
+    """
+    labels, starts, stops = _bboxes(masks)
+    pix, lab = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    if len(labels) == 0:
+        return pix[0], lab[0]
+    crop_shapes = _crop_shapes(stops - starts + 2)
+    masks_pad = np.pad(masks, [(1, int(p)) for p in crop_shapes.max(0)])
+    for idx, shape in _buckets(crop_shapes, 2**20):
+        inside = _gather_crops(masks_pad, labels[idx], starts[idx] - 1, shape)
+        comp, _ = ndimage.label(~inside, structure=_FOUR_CONNECTED_PER_CROP)
+        holes = (comp != comp[:, :1, :1]) & ~inside
+        if holes.any():
+            b, y, x = np.nonzero(holes)
+            coords = np.stack([y, x]) + starts[idx][b].T - 1
+            pix.append(np.ravel_multi_index(tuple(coords), masks.shape))
+            lab.append(labels[idx][b])
+    return np.concatenate(pix), np.concatenate(lab)
+
+
+def _fill_holes_sequential(masks: np.ndarray) -> np.ndarray:
+    """The reference's loop: fill each mask's holes in label order (a fill may cover a mask)."""
+    for i, slc in enumerate(ndimage.find_objects(masks)):
+        if slc is not None:
+            masks[slc][fill_voids.fill(masks[slc] == i + 1)] = i + 1
+    return masks
+
+
+def _fill_holes(masks: np.ndarray) -> np.ndarray:
+    """Fill holes of every mask; batched in 2D when no hole holds another mask (then the
+    holes are disjoint background and the order does not matter), else the sequential loop."""
+    if masks.ndim == 2:
+        pix, lab = _holes_2d(masks)
+        flat = masks.reshape(-1)
+        if not flat[pix].any():
+            flat[pix] = lab
+            return masks
+    # 3D, or nested masks: fill_voids itself, in label order (its 3D connectivity is its own)
+    return _fill_holes_sequential(masks)
 
 
 def fill_holes_and_remove_small_masks(masks: np.ndarray, min_size: int = 15) -> np.ndarray:
@@ -386,11 +468,7 @@ def fill_holes_and_remove_small_masks(masks: np.ndarray, min_size: int = 15) -> 
     masks = np.array(masks, dtype=np.uint32)
     if min_size > 0:
         masks = _remove_small(masks, min_size)
-    for i, slc in enumerate(ndimage.find_objects(masks)):
-        if slc is not None:
-            obj = masks[slc] == i + 1
-            filled = fill_voids.fill(obj)
-            masks[slc][filled] = i + 1
+    masks = _fill_holes(masks)
     if min_size > 0:
         masks = _remove_small(masks, min_size)
     return _renumber(masks)
