@@ -134,7 +134,7 @@ python scripts/train_shipped_model.py --export      # best checkpoint -> cpsam_t
 
 The run is resumable (state written atomically every epoch in `runs/shipped/state.pt`): after a
 kill, the same command continues from the last completed epoch. With one thread, the same seed
-gives the same weights. To train longer, resume with `--epochs N` (N > 60) before the first
+gives the same weights. To train longer, resume with `--epochs N` (N > 150) before the first
 learning-rate step (75% of the epochs), so the schedule stretches without a jump.
 
 ## Limitations
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--run", type=Path, default=ROOT / "runs" / "shipped")
     ap.add_argument("--resume", action="store_true", help="continue the run in --run if there is one")
-    ap.add_argument("--epochs", type=int, default=None, help="override the recipe's 60 epochs")
+    ap.add_argument("--epochs", type=int, default=None, help="override the recipe's 150 epochs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--export", action="store_true", help="only export the best checkpoint to the package")

@@ -381,8 +381,9 @@ def train(
         opt.load_state_dict(st["optimizer"])
         start, history, base, best = st["epoch"], st["history"], st["base"], st["best"]
         best_score = st["best_score"]
-        if st.get("recipe") and Recipe.from_dict(st["recipe"]).epochs != rec.epochs and epochs is None:
-            rec = rec.replace(epochs=Recipe.from_dict(st["recipe"]).epochs)
+        if st.get("recipe"):  # a resumed run keeps its own recipe; explicit arguments still win
+            saved = Recipe.from_dict(st["recipe"])
+            rec = saved.replace(**over) if over else saved
         print(f"cpsam train: resuming {run} after epoch {start} of {rec.epochs}", file=sys.stderr)
         _write_log(log_path, history)
     elif resume:

@@ -17,7 +17,13 @@
     The recipe of the small model shipped in ``cpsam_toolkit/models`` (trained from scratch on
     2 shared CPU cores): ``full``-style augmentation with the scale range narrowed to
     log-uniform [0.5, 2] (the training sets already span 10-100 px objects), a higher learning
-    rate for a randomly initialised network, gradient clipping, less layer drop.
+    rate for a randomly initialised network, gradient clipping, less layer drop, 150 epochs of
+    64 images (first planned as 60; stretched at epoch 14, before any learning-rate step, because
+    the network was still on its initial loss plateau — the schedule is identical up to then).
+
+Scale augmentation draws the zoom relative to each image's own pixel size; the paper's
+whole-dataset training first rescales images to a 30 px mean diameter, which is not done here
+(Cellpose-SAM is meant to run without resizing, and the fine-tuning recipe does not rescale).
 """
 
 from __future__ import annotations
@@ -144,7 +150,7 @@ RECIPES: dict[str, Recipe] = {
         min_nimg_per_epoch=8, min_masks=5, val_every=50, augment=FULL_AUGMENT,
     ),
     "shipped": Recipe(
-        name="shipped", lr=4e-4, epochs=60, batch_size=8, weight_decay=0.05, layer_drop=0.1,
+        name="shipped", lr=4e-4, epochs=150, batch_size=8, weight_decay=0.05, layer_drop=0.1,
         warmup_epochs=3, schedule="steps", steps=((0.75, 0.25), (0.9, 0.05)),
         nimg_per_epoch=64, min_nimg_per_epoch=8, min_masks=1, grad_clip=1.0, val_every=10,
         augment=replace(FULL_AUGMENT, scale_range=(0.5, 2.0)),
