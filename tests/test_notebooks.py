@@ -48,8 +48,9 @@ def test_notebook_is_committed_without_outputs(path):
 def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     pytest.importorskip("cpsam_toolkit.dynamics", reason="cpsam_toolkit.dynamics is not in this checkout yet")
     nb = nbformat.read(path, as_version=4)
-    # the kernel imports this checkout's package
+    # the kernel imports this checkout's package, and finds the shared data from the temp folder
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("CPSAM_DATA", os.environ.get("CPSAM_DATA", str(ROOT.parent / "shared" / "data")))
     client = nbclient.NotebookClient(
         nb,
         timeout=TIMEOUT,
