@@ -39,13 +39,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .preprocess import MAX_AUTO_CHANNELS, ImageInputError, normalize, percentile_lowhigh, to_channels_last
+from .preprocess import (
+    MAX_AUTO_CHANNELS,
+    ImageInputError,
+    check_finite,
+    normalize,
+    percentile_lowhigh,
+    to_channels_last,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .segment import CellposeSAM, InputOptions, MaskOptions, NetOptions
 
 #: pixels per channel above which percentiles use a strided subsample (as preprocess does)
 SUBSAMPLE_ABOVE = 224**3
+
+Box = tuple[int, int, int, int]  # (y0, y1, x0, x1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,6 +335,120 @@ class _Settings:
     masks: MaskOptions
 
 
+def _region(source: Source, box: Box, inputs: InputOptions,
+            lowhigh: Sequence[tuple[float, float]] | None) -> np.ndarray:
+    """(C, Y, X) float32 network input of an image region, normalised with global values."""
+    y0, y1, x0, x1 = box
+    x = _select(source.read(y0, y1, x0, x1), inputs.channels, source.path or "image")
+    check_finite(x, source.path or "image")
+    if inputs.normalize:
+        x = normalize(x, *inputs.percentiles, invert=inputs.invert, lowhigh=lowhigh)
+    else:
+        x = x.astype(np.float32)
+        x = 1 - x if inputs.invert else x
+    return np.moveaxis(x, -1, 0)
+
+
+def _aligned_outputs(
+    model: CellposeSAM,
+    source: Source,
+    blocks: Sequence[Block],
+    settings: _Settings,
+    lowhigh: Sequence[tuple[float, float]] | None,
+) -> Iterator[tuple[Block, np.ndarray]]:
+    """Network outputs ``(nout, Y, X)`` over each block's crop, computed from the tiles of the
+    *whole image's* tile grid that cover the crop and blended as whole-image segmentation
+    blends them: the same tiles, the same inputs, the same sums, so the outputs are the
+    whole image's outputs (bit-identical on the CPU). Tiles of consecutive blocks share
+    network batches."""
+    from . import tiling
+
+    tile = model.net.cfg.tile
+    ly, lx = source.shape2d
+    plan = tiling.TilePlan.for_shape((ly, lx), tile, settings.net.tile_overlap, settings.net.augment)
+    py, px = plan.pads[0], plan.pads[2]
+    nx = len(plan.xstarts)
+    taper = tiling.taper_mask(tile)
+    batch = max(1, settings.net.batch_size)
+
+    def tiles_of(block: Block) -> list[tuple[int, int, int]]:
+        cy0, cy1, cx0, cx1 = block.crop
+        out = []
+        for j, ys in enumerate(plan.ystarts):
+            iy = int(ys) - py
+            if iy >= cy1 or iy + tile <= cy0:
+                continue
+            for i, xs in enumerate(plan.xstarts):
+                ix = int(xs) - px
+                if ix < cx1 and ix + tile > cx0:
+                    out.append((j * nx + i, iy, ix))
+        return out
+
+    pending: list[dict[str, Any]] = []  # blocks in flight, in order
+    queue: list[tuple[dict[str, Any], int, int, int]] = []
+
+    def start(block: Block) -> None:
+        tiles = tiles_of(block)
+        # one read per block: the image region under all its tiles (clipped to the image)
+        span = (max(0, min(t[1] for t in tiles)), min(ly, max(t[1] for t in tiles) + tile),
+                max(0, min(t[2] for t in tiles)), min(lx, max(t[2] for t in tiles) + tile))
+        cy0, cy1, cx0, cx1 = block.crop
+        st = {"block": block, "x": _region(source, span, settings.inputs, lowhigh), "span": span,
+              "n": len(tiles), "done": 0, "sum": None,
+              "weight": np.zeros((cy1 - cy0, cx1 - cx0), np.float64)}
+        pending.append(st)
+        queue.extend((st, k, iy, ix) for k, iy, ix in tiles)
+
+    def cut(st: dict[str, Any], iy: int, ix: int) -> np.ndarray:
+        x, (sy0, sy1, sx0, sx1) = st["x"], st["span"]
+        t = np.zeros((x.shape[0], tile, tile), np.float32)  # zero padding, as pad_image
+        y0, y1, x0, x1 = max(iy, sy0), min(iy + tile, sy1), max(ix, sx0), min(ix + tile, sx1)
+        t[:, y0 - iy : y1 - iy, x0 - ix : x1 - ix] = x[:, y0 - sy0 : y1 - sy0, x0 - sx0 : x1 - sx0]
+        return t
+
+    def flush() -> None:
+        items = queue[:batch]
+        del queue[:batch]
+        tiles = []
+        for st, k, iy, ix in items:
+            t = cut(st, iy, ix)
+            axes = plan.flips(k)
+            tiles.append(np.flip(t, axes) if axes else t)
+        y = np.asarray(model.predict_tiles(np.stack(tiles)), dtype=np.float32)
+        for (st, k, iy, ix), yk in zip(items, y, strict=True):
+            axes = plan.flips(k)
+            if axes:  # undo the flip; a flip along Y negates dY, along X negates dX
+                yk = np.flip(yk, axes).copy()
+                for ax in axes:
+                    yk[-3 if ax == -2 else -2] *= -1
+            cy0, cy1, cx0, cx1 = st["block"].crop
+            y0, y1, x0, x1 = max(iy, cy0), min(iy + tile, cy1), max(ix, cx0), min(ix + tile, cx1)
+            if st["sum"] is None:
+                st["sum"] = np.zeros((yk.shape[0], cy1 - cy0, cx1 - cx0), np.float32)
+            tsl = (slice(y0 - iy, y1 - iy), slice(x0 - ix, x1 - ix))
+            csl = (slice(y0 - cy0, y1 - cy0), slice(x0 - cx0, x1 - cx0))
+            st["sum"][(slice(None), *csl)] += yk[(slice(None), *tsl)] * taper[tsl]
+            st["weight"][csl] += taper[tsl]
+            st["done"] += 1
+
+    it = iter(blocks)
+    exhausted = False
+    while True:
+        while not exhausted and len(queue) < batch:
+            b = next(it, None)
+            if b is None:
+                exhausted = True
+            else:
+                start(b)
+        if queue:
+            flush()
+        while pending and pending[0]["done"] == pending[0]["n"]:
+            st = pending.pop(0)
+            yield st["block"], np.ascontiguousarray(st["sum"] / st["weight"], dtype=np.float32)
+        if exhausted and not queue and not pending:
+            return
+
+
 def segment_blocks(
     model: CellposeSAM,
     source: Source,
@@ -335,12 +458,29 @@ def segment_blocks(
     tmp: str | os.PathLike,
     on_block: Any = None,
 ) -> dict[tuple[int, int], int]:
-    """Pass 1 over ``blocks`` (tiles batched across blocks); returns kept counts per block."""
+    """Pass 1 over ``blocks`` (tiles batched across blocks); returns kept counts per block.
+
+    With a :class:`~cpsam_toolkit.segment.CellposeSAM` (and no ``diameter`` resizing), the
+    network outputs of each crop are those of the whole image (:func:`_aligned_outputs`), so
+    blocks differ from whole-image segmentation only through the dynamics near crop edges,
+    which the halo keeps away from the objects that are kept. Other models (or resizing) run
+    each crop as an image of its own through ``iter_segment``.
+    """
+    from .segment import SegmentationResult, masks_from_flows
+
     tmp = Path(tmp)
     counts: dict[tuple[int, int], int] = {}
-    crops = (prepare_crop(source, b, settings.inputs, lowhigh) for b in blocks)
-    results = model.iter_segment(crops, settings.model_inputs, settings.net, settings.masks,
-                                 names=[f"{source.path or 'image'} block {b.index}" for b in blocks])
+    if hasattr(model, "predict_tiles") and getattr(model, "net", None) is not None \
+            and not settings.inputs.diameter:
+        results: Iterator[Any] = (
+            SegmentationResult(masks_from_flows(y[-3:-1], y[-1], settings.masks), y[-3:-1], y[-1],
+                               settings.masks)
+            for _, y in _aligned_outputs(model, source, blocks, settings, lowhigh)
+        )
+    else:
+        crops = (prepare_crop(source, b, settings.inputs, lowhigh) for b in blocks)
+        results = model.iter_segment(crops, settings.model_inputs, settings.net, settings.masks,
+                                     names=[f"{source.path or 'image'} block {b.index}" for b in blocks])
     for b, res in zip(blocks, results, strict=True):
         kept, k = keep_core_objects(res.masks, b)
         _save_crop(tmp, b, kept)
@@ -360,9 +500,6 @@ def _pass1_task(spec: Any, source: Source, blocks: Sequence[Block], settings: _S
 # --------------------------------------------------------------------------------------------
 # pass 2: compose each core from its block and its neighbours; merge duplicates
 # --------------------------------------------------------------------------------------------
-Box = tuple[int, int, int, int]
-
-
 def _intersect(a: Box, b: Box) -> Box | None:
     y0, y1 = max(a[0], b[0]), min(a[1], b[1])
     x0, x1 = max(a[2], b[2]), min(a[3], b[3])
