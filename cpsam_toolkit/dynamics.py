@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from cpsam_toolkit.device import resolve_device
-from cpsam_toolkit.flows import _bboxes, _buckets, _crop_shapes, _gather_crops, masks_to_flows
+from cpsam_toolkit.flows import _bboxes, _buckets, _crop_shapes, _gather_crops, object_pixel_flows
 
 __all__ = [
     "compute_masks",
@@ -347,12 +347,10 @@ def flow_errors(
     flows = np.asarray(flows)
     if flows.shape[1:] != masks.shape:
         raise ValueError(f"flows {flows.shape} do not match masks {masks.shape}")
-    fg = np.nonzero(masks)
-    mu = masks_to_flows(masks, device=device)[(slice(None), *fg)].astype(np.float64)
-    net = flows[(slice(None), *fg)]
-    net = net / 5.0  # in the flows' own precision, like the reference
-    err = ((mu - net) ** 2).sum(0)
-    lab = masks[fg].astype(np.int64)
+    fg, mu = object_pixel_flows(masks, device=device)
+    net = flows.reshape(flows.shape[0], -1)[:, fg] / 5.0  # in the flows' precision, as the reference
+    err = ((mu.cpu().numpy().astype(np.float64) - net) ** 2).sum(0)
+    lab = masks.reshape(-1)[fg].astype(np.int64)
     n = int(masks.max(initial=0))
     with np.errstate(invalid="ignore", divide="ignore"):
         return (np.bincount(lab, weights=err, minlength=n + 1) / np.bincount(lab, minlength=n + 1))[1:]

@@ -35,6 +35,7 @@ __all__ = [
     "labels_to_training_targets",
     "masks_to_flows",
     "object_centres",
+    "object_pixel_flows",
 ]
 
 
@@ -345,15 +346,33 @@ def masks_to_flows(
     side may be 0 while the other is a unit vector (4 of 66,000 pixels in one DSB image).
     """
     masks = _check_masks(masks)
+    fg, mu = object_pixel_flows(masks, niter=niter, device=device)
+    out = np.zeros((masks.ndim, masks.size), np.float32)
+    out[:, fg] = mu.cpu().numpy()
+    return out.reshape(masks.ndim, *masks.shape)
+
+
+def object_pixel_flows(
+    masks: np.ndarray,
+    *,
+    niter: int | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[np.ndarray, torch.Tensor]:
+    """:func:`masks_to_flows` at the object pixels only (no full-size output).
+
+    Returns
+    -------
+    (N,) int64 array and (ndim, N) float32 tensor on ``device``
+        Flat indices (``np.flatnonzero(masks)``) and the unit flows there.
+    """
+    masks = _check_masks(masks)
     heat = diffusion_heat(masks, niter=niter, device=device)
     fg = np.flatnonzero(masks)
-    out = np.zeros((masks.ndim, masks.size), np.float32)
-    if len(fg):
-        padded = np.ravel_multi_index(
-            tuple(c + 1 for c in np.unravel_index(fg, masks.shape)), heat.shape
-        )
-        out[:, fg] = _unit_gradient(heat, padded).cpu().numpy()
-    return out.reshape(masks.ndim, *masks.shape)
+    if len(fg) == 0:
+        return fg, torch.zeros((masks.ndim, 0), dtype=torch.float32, device=heat.device)
+    padded = np.ravel_multi_index(tuple(c + 1 for c in np.unravel_index(fg, masks.shape)),
+                                  heat.shape)
+    return fg, _unit_gradient(heat, padded)
 
 
 def labels_to_training_targets(masks: np.ndarray, *, device: str | torch.device | None = None) -> np.ndarray:
