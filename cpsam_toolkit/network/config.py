@@ -109,7 +109,7 @@ PRESETS: dict[str, NetConfig] = {
     "vit_l": NetConfig(1024, 24, 16, 256, rel_pos_rows=_sam_rows(24, (5, 11, 17, 23))),
     "vit_b": NetConfig(768, 12, 12, 256, rel_pos_rows=_sam_rows(12, (2, 5, 8, 11))),
     "vit_h": NetConfig(1280, 32, 16, 256, rel_pos_rows=_sam_rows(32, (7, 15, 23, 31))),
-    "small": NetConfig(width=256, depth=6, heads=8, neck_width=128),
+    "small": NetConfig(width=192, depth=4, heads=3, neck_width=96, layer_drop=0.1),
     "tiny": NetConfig(width=64, depth=2, heads=2, neck_width=32),
 }
 
