@@ -99,11 +99,39 @@ class SegmentationResult:
         error; lower is better)."""
         return object_table(self.masks, self.flows, self.cellprob)
 
+    _stages: dict = field(default_factory=dict, repr=False, compare=False)
+
     def recompute(self, **changes: Any) -> SegmentationResult:
-        """New result from the cached flows with other post-processing settings (fast)."""
+        """New result from the cached flows with other post-processing settings.
+
+        Flow tracking (the slow step) is cached per ``(cellprob_threshold, niter,
+        max_size_fraction)``, together with the flow error of every tracked mask, so changing
+        only ``flow_threshold`` or ``min_size`` costs just the filtering and hole filling.
+        Results are identical to a fresh :func:`cpsam_toolkit.dynamics.compute_masks`.
+        """
         opts = replace(self.options, **changes)
-        masks = masks_from_flows(self.flows, self.cellprob, opts)
-        return SegmentationResult(masks, self.flows, self.cellprob, opts, self.name)
+        opts.validate()
+        if self.flows.shape[0] != 2:  # 3D: no staged cache
+            return SegmentationResult(
+                masks_from_flows(self.flows, self.cellprob, opts), self.flows, self.cellprob, opts, self.name
+            )
+        key = (opts.cellprob_threshold, opts.niter or 200, opts.max_size_fraction)
+        if key not in self._stages:
+            if len(self._stages) >= 8:
+                self._stages.pop(next(iter(self._stages)))
+            raw = tracked_masks(self.flows, self.cellprob, opts)
+            self._stages[key] = (raw, None)
+        raw, errors = self._stages[key]
+        if errors is None and opts.flow_threshold > 0 and raw.max() > 0:
+            errors = np.asarray(dynamics.flow_errors(raw, self.flows), dtype=np.float64)
+            self._stages[key] = (raw, errors)
+        masks = raw
+        if opts.flow_threshold > 0 and raw.max() > 0:
+            lut = np.ones(int(raw.max()) + 1, bool)
+            lut[1:] = errors[: len(lut) - 1] <= opts.flow_threshold
+            masks = np.where(lut[raw], raw, 0).astype(raw.dtype)
+        masks = dynamics.fill_holes_and_remove_small_masks(masks, min_size=opts.min_size)
+        return SegmentationResult(masks, self.flows, self.cellprob, opts, self.name, self._stages)
 
 
 def object_table(masks: np.ndarray, flows: np.ndarray, cellprob: np.ndarray) -> dict[str, np.ndarray]:
@@ -140,6 +168,16 @@ def masks_from_flows(flows: np.ndarray, cellprob: np.ndarray, opts: MaskOptions)
         min_size=opts.min_size,
         max_size_fraction=opts.max_size_fraction,
     )
+
+
+def tracked_masks(flows: np.ndarray, cellprob: np.ndarray, opts: MaskOptions) -> np.ndarray:
+    """Masks straight from flow tracking (before flow QC, hole filling and the size filter)."""
+    fg = cellprob > opts.cellprob_threshold
+    if not fg.any():
+        return np.zeros(cellprob.shape, np.uint16)
+    inds = np.nonzero(fg)
+    final = dynamics.follow_flows(flows * fg / 5.0, inds, niter=opts.niter or 200)
+    return dynamics.get_masks(final, inds, cellprob.shape, max_size_fraction=opts.max_size_fraction)
 
 
 def _is_oom(e: BaseException) -> bool:

@@ -224,3 +224,18 @@ def test_net_rejects_wrong_tile_shape():
     net = CPSAMNet(get_config("tiny"))
     with pytest.raises(ValueError, match="tile the image first"):
         net(torch.zeros(1, 3, 100, 100))
+
+
+def test_staged_recompute_equals_compute_masks(blob_pair, data_dir):
+    from cpsam_toolkit import dynamics
+
+    ours = blob_pair[2]
+    img, _ = load_pair(data_dir, DSB, DSB_STEM)
+    base = ours.segment(img[:300, :300], channel_axis=-1)
+    settings = [(0.0, 0.2, 15), (0.0, 0.8, 40), (0.0, 0.0, 0), (-1.0, 0.4, 15), (0.0, 0.4, 15)]
+    for cp_thr, flow_thr, min_size in settings:
+        r = base.recompute(cellprob_threshold=cp_thr, flow_threshold=flow_thr, min_size=min_size)
+        fresh = dynamics.compute_masks(base.flows, base.cellprob, cellprob_threshold=cp_thr,
+                                       flow_threshold=flow_thr, min_size=min_size)
+        np.testing.assert_array_equal(r.masks, fresh)
+    assert len(base._stages) == 2  # tracked once per cellprob threshold
