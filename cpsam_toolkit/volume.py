@@ -29,10 +29,25 @@ Pipeline of :func:`segment_volume` (``do_3d=True`` in :meth:`CellposeSAM.segment
    ``dZ`` divided by the anisotropy (the network's Z unit is one resampled plane), hole filling
    and removal of objects below ``min_size`` voxels.
 
-Choices measured (see ``notebooks/05_3d.ipynb`` and ``tests/test_volume.py``): running the
-dynamics on the original grid with rescaled ``dZ`` gives the same masks as running them on the
-resampled grid and taking the masks back with nearest neighbour, at 1/a of the cost; ``niter``
-defaults to 200 (scaled with ``diameter``), see :data:`DEFAULT_NITER`.
+Measured choices (an "oracle" 2D network that returns the exact 2D flows of the ground truth
+as it appears in each slice, optionally blurred to mimic a network's finite resolution; on
+synthetic ellipsoids and on the real labels of the QCANet embryo volume, ``tests/test_volume.py``):
+
+* **anisotropy**: with blurred oracle outputs, objects 4x thinner in Z are found (AP@0.5 1.0)
+  when Z is resampled by the anisotropy and lost or broken (AP@0.5 0.33) when it is ignored;
+* **dynamics grid**: tracking on the original grid with ``dZ`` divided by the anisotropy gives
+  the same AP@0.5/0.75 as tracking on the resampled grid and taking masks back by nearest
+  neighbour (``dynamics_grid="network"``), at a fraction of the cost (no resampled volume
+  is held); the latter is kept as an option;
+* **niter**: 200 and 1000 (the paper's value, chosen for volumes upsampled 10x in Z with very
+  large objects) gave identical masks; 1000 costs ~2-5x the tracking time. Default 200 (the
+  reference's), scaled with ``diameter`` — raise it for objects over ~150 px across;
+* **mean vs sum** and ``flow3d_smooth`` 0 vs 2 made no difference with the oracle; on a real
+  network they can (see ``notebooks/05_3d.ipynb`` for the shipped model's numbers).
+
+Memory: the normalised volume (C float32 volumes), 4 float32 accumulators, and during the
+tracking a smoothed/rescaled copy of the flows plus the tracker's own arrays (about 11 float32
+volumes in all for one channel); network outputs are never stored per slice.
 
 :func:`stitch_planes` is the alternative (``stitch_threshold > 0``): 2D masks per plane joined
 across planes by IoU. :func:`slices_from_volume` makes 2D training pairs from a labelled volume.
@@ -73,8 +88,8 @@ __all__ = [
 
 #: the three slice orientations, in the order they are run: (view, axes of the slice)
 VIEWS = ("yx", "zx", "zy")
-#: default Euler iterations in 3D (the reference's default; the paper used 1000, which we
-#: measured to give the same masks on the embryo volume — see the module docstring)
+#: default Euler iterations in 3D (the reference's default; the paper used 1000 — see the
+#: module docstring for what we measured)
 DEFAULT_NITER = 200
 
 
