@@ -40,7 +40,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -704,16 +704,21 @@ class PanopticResult(SegmentationResult):
         return table
 
     def recompute(self, **changes: Any) -> PanopticResult:
-        """New result from the cached flows and class maps with other post-processing settings."""
-        opts = replace(self.options, **changes)
-        raw = masks_from_flows(self.flows, self.cellprob, opts)
-        return _build(raw, self.flows, self.cellprob, self.pixel_classes, self.class_names, opts, self.name)
+        """New result from the cached flows and class maps with other post-processing settings
+        (the masks as :meth:`SegmentationResult.recompute` makes them, then the class vote)."""
+        base = SegmentationResult.recompute(self, **changes)
+        out = _build(base.masks, self.flows, self.cellprob, self.pixel_classes, self.class_names,
+                     base.options, self.name)
+        if hasattr(base, "_stages"):  # share the tracking cache of the plain result
+            out._stages = base._stages
+        return out
 
 
 def _build(raw, flows, cellprob, pixel_classes, class_names, opts, name) -> PanopticResult:
     masks, ids, frac, removed = assign_classes(raw, pixel_classes, len(class_names))
-    return PanopticResult(masks, flows, cellprob, opts, name, tuple(class_names), pixel_classes,
-                          ids, frac, removed)
+    return PanopticResult(masks, flows, cellprob, options=opts, name=name,
+                          class_names=tuple(class_names), pixel_classes=pixel_classes,
+                          class_ids=ids, class_fraction=frac, n_removed=removed)
 
 
 def panoptic_result(
