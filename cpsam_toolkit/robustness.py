@@ -351,6 +351,12 @@ def _hash(x: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def _n_tiles(shape: tuple[int, ...], tile: int = 256, overlap: float = 0.1) -> int:
+    """About how many network tiles an image of ``shape`` needs (for progress lines)."""
+    stride = tile * (1 - overlap)
+    return math.prod(1 if n <= tile else math.ceil((n - tile) / stride) + 1 for n in shape)
+
+
 def _conditions(families: Sequence[str]) -> list[tuple[str, Any]]:
     conds: list[tuple[str, Any]] = [(CLEAN, CLEAN_ORIGINAL)]
     if any(f in families for f in ("downsample", "anisotropic")):
@@ -534,7 +540,7 @@ def robustness_report(
             infos.append(info)
             if h not in clean_cache[i]:
                 todo.append(len(inputs) - 1)
-        n_tiles = sum(math.ceil(inputs[j].shape[1] / 230) * math.ceil(inputs[j].shape[2] / 230) for j in todo)
+        n_tiles = sum(_n_tiles(inputs[j].shape[1:]) for j in todo)
         if say:
             say(f"[{k + 1}/{len(conds)}] {family} {lab}: {len(todo)} of {len(inputs)} images to segment "
                 f"(~{n_tiles} tiles; {time.perf_counter() - t0:.0f} s so far)")
