@@ -210,7 +210,7 @@ def blockwise_vs_whole(data_dir, model, size: int, block: int, tmp_path: Path):
 def test_blockwise_matches_whole_image_1024(tmp_path, data_dir, gradient_model):  # noqa: F811
     ap, whole, res, ap_w, ap_b = blockwise_vs_whole(data_dir, gradient_model, 1024, 384, tmp_path)
     assert whole.n_objects > 200  # a real segmentation, not an empty one
-    assert ap_w > 0.2  # it finds nuclei (a crude stand-in, not a trained model)
+    assert ap_w > 0.15  # it finds nuclei (a crude stand-in, not a trained model)
     assert ap[0] >= 0.98
     assert abs(ap_w - ap_b) < 0.02
 

@@ -41,7 +41,7 @@ class GradientNet:
     above a level. On dark-background nuclei it finds most nuclei. It is convolutional, so like a
     trained network it is almost translation-invariant, with tile-edge effects."""
 
-    def __new__(cls, sigma: float = 2.0, level: float = 0.25):
+    def __new__(cls, sigma: float = 3.0, level: float = 0.25):
         import torch
         import torch.nn.functional as F
 

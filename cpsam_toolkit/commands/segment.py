@@ -4,8 +4,10 @@ and :mod:`cpsam_toolkit.blockwise`)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -206,25 +208,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"model: {model.name} ({model.info.get('path', 'in memory')}) on {model.device}, "
               f"{str(model.dtype).replace('torch.', '')}", file=sys.stderr)
 
-    client = cluster = None
-    torch_threads = args.torch_threads
-    try:
-        if distributed:
-            from distributed import Client
-
-            if args.scheduler:
-                client = Client(args.scheduler)
-            else:
-                import logging
-                import os
-
-                n = args.workers or _default_workers()
-                torch_threads = torch_threads or max(1, (os.cpu_count() or 1) // n)
-                cluster = batch.local_cluster(n, args.threads_per_worker, torch_threads,
-                                              silence_logs=logging.ERROR)
-                client = Client(cluster)
-            print(f"dask: {len(client.scheduler_info().get('workers', {}))} workers "
-                  f"({client.scheduler.address})", file=sys.stderr)
+    with _dask(args) as (client, torch_threads):
 
         def started(info: dict[str, Any]) -> None:
             if distributed:
@@ -250,21 +234,47 @@ def run(args: argparse.Namespace) -> int:
                 torch_threads=torch_threads,
                 progress=show_bar, on_start=started, on_record=finished,
             )
-        except batch.OutputDirError as e:
+        except (ValueError, OSError, RuntimeError) as e:  # model, options, output folder
             return _err(str(e))
-        except (ValueError, OSError) as e:
-            return _err(str(e))
-    finally:
-        if client is not None:
-            client.close()
-        if cluster is not None:
-            cluster.close()
 
     if report.failed:
         print(f"failures listed in {out_dir / batch.FAILURES}", file=sys.stderr)
     report.seconds = time.perf_counter() - t0
     print(f"cpsam segment: {report.line()}; outputs in {out_dir}")
     return 0 if report.ok else 1
+
+
+@contextlib.contextmanager
+def _dask(args: argparse.Namespace) -> Iterator[tuple[Any, int | None]]:
+    """(client, torch threads per worker) for --dask / --scheduler, else (None, None)."""
+    if not (args.dask or args.scheduler):
+        yield None, None
+        return
+    import logging
+    import os
+
+    from distributed import Client
+
+    from .. import batch
+
+    cluster = None
+    torch_threads = args.torch_threads
+    if args.scheduler:
+        client = Client(args.scheduler)
+    else:
+        n = args.workers or _default_workers()
+        torch_threads = torch_threads or max(1, (os.cpu_count() or 1) // n)
+        cluster = batch.local_cluster(n, args.threads_per_worker, torch_threads,
+                                      silence_logs=logging.ERROR)
+        client = Client(cluster)
+    try:
+        print(f"dask: {len(client.scheduler_info().get('workers', {}))} workers "
+              f"({client.scheduler.address})", file=sys.stderr)
+        yield client, torch_threads
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def _load(name: str | None, device: str | None, dtype: str | None):
@@ -304,26 +314,29 @@ def _run_blockwise(args: argparse.Namespace, out_dir: Path, opts: dict[str, Any]
         return _err(str(e))
     print(f"model: {model.name} ({model.info.get('path', 'in memory')}) on {model.device}", file=sys.stderr)
     failed = n_objects = done = skipped = 0
-    for p in inputs:
-        target = out_dir / f"{p.stem if p.suffix.lower() != '.zarr' else p.name[:-5]}_masks.zarr"
-        if target.exists() and not args.overwrite:
-            print(f"skipped: {target} exists (--overwrite to redo)", file=sys.stderr)
-            skipped += 1
-            continue
-        try:
-            res = blockwise.segment_blockwise(
-                p, model, target, block_size=args.block_size, halo=args.halo,
-                input_options=opts["input_options"], net_options=opts["net_options"],
-                mask_options=opts["mask_options"], overwrite=args.overwrite,
-                progress=not args.no_progress and sys.stderr.isatty(),
-            )
-        except Exception as e:  # noqa: BLE001 - report and go on with the next input
-            print(f"failed: {p}: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        done += 1
-        n_objects += res.n_objects
-        print(f"{p} -> {target} ({res.n_objects} objects, {res.n_blocks} blocks)", file=sys.stderr)
+    with _dask(args) as (client, _):
+        for p in inputs:
+            stem = p.name[:-5] if p.suffix.lower() == ".zarr" else p.stem
+            target = out_dir / f"{stem}_masks.zarr"
+            if target.exists() and not args.overwrite:
+                print(f"skipped: {target} exists (--overwrite to redo)", file=sys.stderr)
+                skipped += 1
+                continue
+            try:
+                res = blockwise.segment_blockwise(
+                    p, model, target, block_size=args.block_size, halo=args.halo,
+                    input_options=opts["input_options"], net_options=opts["net_options"],
+                    mask_options=opts["mask_options"], overwrite=args.overwrite, client=client,
+                    progress=not args.no_progress and sys.stderr.isatty(),
+                )
+            except Exception as e:  # noqa: BLE001 - report and go on with the next input
+                print(f"failed: {p}: {e}", file=sys.stderr)
+                failed += 1
+                continue
+            done += 1
+            n_objects += res.n_objects
+            print(f"{p} -> {target} ({res.n_objects} objects, {res.n_blocks} blocks, "
+                  f"{res.seconds:.1f} s)", file=sys.stderr)
     print(f"cpsam segment: {done} segmented, {skipped} skipped, {failed} failed, {n_objects} objects, "
           f"{time.perf_counter() - t0:.1f} s; outputs in {out_dir}")
     return 1 if failed else 0
