@@ -327,6 +327,17 @@ def test_cli_segment_writes_classes_json(tmp_path):
     assert masks.max() > 0
     assert set(classes) == set(range(1, int(masks.max()) + 1))
     assert set(classes.values()) == {"b"}
+    # the evaluator reads the class files: predictions scored against themselves, per class
+    import shutil
+
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    shutil.copy(out / "well_a1_masks.tif", gt / "well_a1_masks.tif")
+    shutil.copy(out / "well_a1_classes.json", gt / "well_a1_classes.json")
+    report = tmp_path / "eval.json"
+    assert main(["evaluate", "--pred", str(out), "--gt", str(gt), "--per-class", "--thresholds", "0.5",
+                 "--json", str(report)]) == 0
+    assert '"b"' in report.read_text() and "class_mean_per_image" in report.read_text()
 
 
 def test_cellprofiler_module_adds_class_measurements(tmp_path):
