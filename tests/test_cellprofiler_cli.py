@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import requires_trained_shipped_model
 
 if importlib.util.find_spec("cellprofiler_core") is None:
     pytest.skip(
@@ -245,7 +246,7 @@ def test_failure_fails_the_run_and_names_the_image(cli, work, tmp_path):
     assert "broken.pt" in proc.stdout + proc.stderr, log
 
 
-@pytest.mark.skipif(not SHIPPED.exists(), reason=f"shipped model {SHIPPED} not committed yet")
+@requires_trained_shipped_model
 def test_shipped_model_exported_counts_close_to_ground_truth(cli, work, data_dir):
     import tifffile
 

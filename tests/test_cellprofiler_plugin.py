@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import requires_trained_shipped_model
 
 if importlib.util.find_spec("cellprofiler_core") is None:
     pytest.skip(
@@ -643,7 +644,7 @@ def test_display_data_and_display(model_files):
 
 
 # ------------------------------------------------------------------------ shipped model
-@pytest.mark.skipif(not SHIPPED.exists(), reason=f"shipped model {SHIPPED} not committed yet")
+@requires_trained_shipped_model
 def test_shipped_model_counts_close_to_ground_truth(data_dir):
     for stem in DSB_STEMS:
         img, masks = dsb_image(data_dir, stem)

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import tifffile
-from conftest import load_pair
+from conftest import load_pair, requires_trained_shipped_model
 
 from cpsam_toolkit import evaluate as E
 from cpsam_toolkit import robustness as R
@@ -245,6 +245,7 @@ def test_every_family_and_level_is_present(report, crops):
     assert "anisotropic" in text and "consensus bound" in text
 
 
+@requires_trained_shipped_model
 def test_scores_move_the_expected_way(report, model_path):
     if not model_path[1]:
         pytest.skip("shipped model absent: a random tiny model has no expected direction")
