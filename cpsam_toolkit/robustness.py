@@ -334,7 +334,7 @@ def _model_description(model: Any) -> dict:
     for k, v in info.items():
         if k == "config":
             v = v.to_dict() if hasattr(v, "to_dict") else v
-        out["file_name" if k == "name" else k] = v  # "name": how the model was asked for
+        out["weights_name" if k == "name" else k] = v  # "name": how the model was asked for
     path = out.get("path")
     if path and "sha256" not in out and Path(str(path)).is_file():
         h = hashlib.sha256()
