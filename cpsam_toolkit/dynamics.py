@@ -62,8 +62,8 @@ def _dedupe(pt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ar = torch.arange(n, device=pt.device)
     keys = [row.view(torch.int32) for row in pt]
     h = keys[0].to(torch.int64)
-    for k in keys[1:]:
-        h = (h * 92821) ^ k.to(torch.int64)
+    for k in keys[1:]:  # masked before the multiply: no int64 overflow
+        h = ((h & 0xFFFFFFFF) * 92821) ^ k.to(torch.int64)
     size = 1 << max(n - 1, 1).bit_length()
     slot = h & (size - 1)
     # any point may win a slot; it represents the points whose key equals its own

@@ -23,6 +23,7 @@ rounding; see :func:`masks_to_flows` for the measured tolerance.
 
 from __future__ import annotations
 
+import fastremap
 import numpy as np
 import torch
 from scipy import ndimage
@@ -263,6 +264,8 @@ def diffusion_heat(
         Heat ``T`` with a 1-pixel zero border; 0 on background.
     """
     masks = _check_masks(masks)
+    if masks.size and masks.max() >= 2**16:  # sparse big labels: keep the per-label tables small
+        masks = fastremap.renumber(masks)[0]
     dev = resolve_device(device)
     pshape = tuple(n + 2 for n in masks.shape)
     heat = torch.zeros(int(np.prod(pshape)), dtype=torch.float32, device=dev)
