@@ -32,7 +32,7 @@ from cpsam_toolkit import io as cio
 from cpsam_toolkit import outputs
 from cpsam_toolkit.cli import main
 from cpsam_toolkit.network import CPSAMNet, get_config
-from cpsam_toolkit.network.checkpoints import save_checkpoint
+from cpsam_toolkit.network.checkpoints import CheckpointError, save_checkpoint
 from cpsam_toolkit.preprocess import ImageInputError
 from cpsam_toolkit.segment import load_model
 from cpsam_toolkit.training.data import LabelError, TrainingSet
@@ -487,11 +487,6 @@ def test_cellprofiler_bad_image_names_the_image(tiny_path, case, image, words):
 
 
 # ============================================================================ training resume state
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: training resume reads <out>.run/state.pt with torch.load(weights_only=False) "
-    "(cpsam_toolkit/training/loop.py and commands/train.py), so a pickled code payload in a "
-    "state file runs on resume; the state holds np.random.get_state(), which the safe loader "
-    "refuses, so the fix is more than a one-line change"))
 def test_training_resume_state_with_code_payload_is_not_executed(tmp_path):
     from cpsam_toolkit.training import train
 
@@ -501,9 +496,7 @@ def test_training_resume_state_with_code_payload_is_not_executed(tmp_path):
     marker = tmp_path / "EXECUTED"
     torch.save({"version": 1, "x": _Payload(marker)}, run / "state.pt")
     img, m = _pair()
-    try:
+    with pytest.raises(CheckpointError, match="refusing to resume"):
         train(CPSAMNet(get_config("tiny")), [(img, m)], out=out, resume=True, epochs=1,
               min_masks=1, device="cpu")
-    except Exception:  # noqa: BLE001 - refusing the file is the right outcome
-        pass
     assert not marker.exists(), "the pickled payload in state.pt was executed"

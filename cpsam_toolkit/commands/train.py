@@ -62,11 +62,10 @@ def run(args) -> int:
     state = args.out.parent / (args.out.name + ".run") / "state.pt"
     if args.resume and state.exists():
         # the weights come from the saved state; only the network's size is needed here
-        import torch
-
         from ..network import CPSAMNet, NetConfig
+        from ..training.loop import load_training_state
 
-        st = torch.load(state, map_location="cpu", weights_only=False)
+        st = load_training_state(state)
         net, start = CPSAMNet(NetConfig.from_dict(st["config"])), st.get("start_model", "resumed")
     else:
         net, start = start_network(args.model, args.seed)

@@ -219,10 +219,26 @@ def _group_weights(data: TrainingSet, mix: dict[str, float] | None) -> np.ndarra
 
 
 def _rng_states() -> dict[str, Any]:
-    import random
+    # tensors only, so the state file loads with weights_only=True (the loop itself draws from
+    # per-epoch seeded generators; this is recorded for inspection)
+    return {"torch": torch.get_rng_state()}
 
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy_legacy": np.random.get_state()}  # noqa: NPY002 - recorded, not used
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    """Read a resumable training state safely (``weights_only=True``: no code can run)."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to resume from {path}: it holds Python objects, not only tensors and plain "
+            f"data ({str(e).splitlines()[0][:160]}). States written by cpsam-toolkit only hold "
+            "tensors; delete the run folder to start again, or resume only from files you wrote."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"training state {path} is unreadable or truncated ({e}); "
+                              "delete it to start again") from None
 
 
 def _write_log(path: Path | None, history: list[dict[str, Any]], append: dict | None = None) -> None:
@@ -373,7 +389,7 @@ def train(
     best: dict[str, Any] = {}
     best_score = -math.inf
     if resume and state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        st = load_training_state(state_path)
         if st.get("version") != STATE_VERSION:
             raise CheckpointError(f"{state_path}: unknown training-state version {st.get('version')}")
         load_state_strict(net, st["net"], str(state_path))
