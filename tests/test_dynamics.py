@@ -19,6 +19,8 @@ from cpsam_toolkit.dynamics import (
 )
 from cpsam_toolkit.flows import masks_to_flows
 
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+
 ref_dyn = pytest.importorskip("cellpose.dynamics")
 ref_utils = pytest.importorskip("cellpose.utils")
 CPU = torch.device("cpu")
