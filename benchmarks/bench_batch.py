@@ -102,10 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--modes", default="one-at-a-time,plate,dask-2")
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch threads of the single-process modes (default: torch's, = cores)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
     import torch
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
     from cpsam_toolkit import batch
     from cpsam_toolkit.network import CPSAMNet, get_config

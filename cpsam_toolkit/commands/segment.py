@@ -126,7 +126,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--threads-per-worker", type=_positive_int, default=1,
                    help="tasks run at once per worker (1)")
     g.add_argument("--torch-threads", type=_positive_int, default=None,
-                   help="torch threads per worker (default: CPU cores / workers)")
+                   help="torch CPU threads (per worker with Dask; default: CPU cores / workers, "
+                        "or torch's default in one process). On a CPU shared with other jobs, "
+                        "1 can be much faster than the default")
     g.add_argument("--chunk-size", type=_positive_int, default=None,
                    help="images per Dask task (default: ~4 tasks per worker, at most 16)")
 
@@ -200,6 +202,10 @@ def run(args: argparse.Namespace) -> int:
 
     distributed = args.dask or args.scheduler
     model: Any = args.model
+    if args.torch_threads and not distributed:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     if not distributed:
         try:
             model = _load(args.model, args.device, args.dtype)
