@@ -727,6 +727,8 @@ def segment_blockwise(
     )
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_path.parent.glob(f".{out_path.name}.tmp-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out_path.parent / f".{out_path.name}.tmp-{uuid.uuid4().hex[:8]}"
     (tmp / "blocks").mkdir(parents=True)
     labels_path = str(tmp / "labels.zarr")
