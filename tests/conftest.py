@@ -70,3 +70,15 @@ def _trained_reason() -> str:
 requires_trained_shipped_model = pytest.mark.skipif(
     (shipped_val_ap50() or 0.0) < 0.5, reason=_trained_reason()
 )
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: the machine is small and shared, and spin-waiting
+    threads slow the dynamics down badly on busy cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -19,20 +19,14 @@ from cpsam_toolkit.dynamics import (
 )
 from cpsam_toolkit.flows import masks_to_flows
 
-pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 ref_dyn = pytest.importorskip("cellpose.dynamics")
 ref_utils = pytest.importorskip("cellpose.utils")
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The test machine is small and shared; one thread avoids spin-waiting on busy cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------- helpers

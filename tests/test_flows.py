@@ -17,15 +17,7 @@ from cpsam_toolkit.flows import (
 
 ref_dyn = pytest.importorskip("cellpose.dynamics")
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The test machine is small and shared; one thread avoids spin-waiting on busy cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
