@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +100,8 @@ of the box and for tests, notebooks and demos. For real work use the official `c
 |---|---|
 | file | `cpsam_small.pt` ({size_mb:.1f} MB, fp16 weights, read back as fp32), cpsam-toolkit checkpoint format |
 | network | width {width}, depth {depth}, heads {heads}, neck {neck_width}, patch 8, tile 256 ({params:.2f} M parameters) |
-| training | recipe `shipped` (see `cpsam_toolkit/training/recipes.py`): AdamW lr 4e-4, weight decay 0.05, batch 8, {epochs} epochs of 64 images, warm-up 3 epochs, lr x0.25 at 75% and x0.05 at 90% of the epochs, gradient clipping 1.0, layer drop 0.1, seed 0 |
+| training | recipe `shipped` (see `cpsam_toolkit/training/recipes.py`): AdamW, weight decay 0.05, batch 8, {epochs} epochs of 64 images, warm-up 3 epochs, lr x0.25 at 75% and x0.05 at 90% of the epochs, gradient clipping 1.0, layer drop 0.1, seed 0 |
+| learning rate as run | {lr_history} |
 | augmentation | paper's whole-data set augmentations: rotation, flips, scale log-uniform 0.5-2 (narrowed from 0.25-4), 256x256 crops, grayscale 10%, inversion 25%, third-channel drop 10%, channel permutation, brightness/contrast jitter, degradations on 50% (Poisson noise, blur, downsampling, anisotropic blur) |
 | sampling | per epoch {mix} (fraction of images drawn from each set) |
 | checkpoint | best {criterion} — after epoch {best_epoch} of {epochs_done} trained so far |
@@ -128,14 +130,17 @@ less on other microscopes, stains or cell types.
 
 ```bash
 # from the repository root, with ../shared/data present (about {hours} h on 2 busy CPU cores)
-nohup python scripts/train_shipped_model.py --resume --threads 1 > runs/shipped/train.out 2>&1 &
+{commands}
 python scripts/train_shipped_model.py --export      # best checkpoint -> cpsam_toolkit/models/cpsam_small.pt + this card
 ```
 
 The run is resumable (state written atomically every epoch in `runs/shipped/state.pt`): after a
-kill, the same command continues from the last completed epoch. With one thread, the same seed
-gives the same weights. To train longer, resume with `--epochs N` (N > 150) before the first
-learning-rate step (75% of the epochs), so the schedule stretches without a jump.
+kill, the same command continues from the last completed epoch. The stages above are how this
+run actually went (it was resumed with a higher learning rate and more epochs when validation
+showed it learning too slowly; every change happened before the first learning-rate step, so
+the schedule stretched without a jump). Each epoch draws its samples from its own seeded
+generator, so with one thread (`--threads 1`) the same commands give the same weights; this
+run used two threads, so a rerun agrees in its course, not bit for bit.
 
 ## Limitations
 
@@ -159,6 +164,33 @@ def _table(history: list[dict]) -> str:
         vl = f"{h['val_loss']:.4f}" if h.get("val_loss") is not None else ""
         lines.append(f"| {ep} | {h['val_ap50']:.3f} | {cells} | {vl} |")
     return "\n".join(lines)
+
+
+def _lr_history(history: list[dict]) -> str:
+    """'epochs 1-3 warm-up to 4e-4, 4-50 4e-4, 51-195 1e-3, ...' from the per-epoch log."""
+    rows = [(h["epoch"] + 1, h["lr"]) for h in history if h.get("epoch", -1) >= 0 and "lr" in h]
+    parts: list[str] = []
+    i = 0
+    while i < len(rows):
+        j = i
+        if i == 0 and len(rows) > 1 and rows[1][1] > rows[0][1]:  # warm-up ramp
+            while j + 1 < len(rows) and rows[j + 1][1] > rows[j][1]:
+                j += 1
+            parts.append(f"epochs {rows[i][0]}-{rows[j][0]} warm-up to {rows[j][1]:.0e}")
+        else:
+            while j + 1 < len(rows) and rows[j + 1][1] == rows[i][1]:
+                j += 1
+            parts.append(f"{rows[i][0]}-{rows[j][0]} {rows[i][1]:.0e}")
+        i = j + 1
+    return ", ".join(parts) if parts else "(not started)"
+
+
+#: the commands of this run's stages (see the card): recipe defaults for 50 epochs, then a
+#: higher learning rate and a longer schedule
+STAGES = (
+    "python scripts/train_shipped_model.py --stop-after 50",
+    "python scripts/train_shipped_model.py --resume --lr 1e-3 --epochs 260 --val-every 20",
+)
 
 
 def export(run: Path, dest: Path = MODELS / "cpsam_small.pt") -> None:
@@ -189,7 +221,8 @@ def export(run: Path, dest: Path = MODELS / "cpsam_small.pt") -> None:
         n_dsb_tr=len(split["train"]["dsb2018"]), n_dsb_va=len(split["val"]["dsb2018"]),
         n_us_tr=len(split["train"]["usiigaci"]), n_us_va=len(split["val"]["usiigaci"]),
         n_cs_tr=len(split["train"]["consep"]), n_cs_va=len(split["val"]["consep"]),
-        tile=split["consep_val_tile"], table=_table(history),
+        tile=split["consep_val_tile"], table=_table(history), lr_history=_lr_history(history),
+        commands="\n".join(STAGES),
         warning=("" if ((meta.get("val") or {}).get("val_ap50") or 0) >= 0.3 else
                  "\n**Warning: this is an early checkpoint of a run still in progress; it does not segment "
                  "usefully yet (see the validation table). Use the official `cpsam` weights meanwhile.**\n"),
@@ -205,6 +238,12 @@ def main(argv=None) -> int:
     ap.add_argument("--run", type=Path, default=ROOT / "runs" / "shipped")
     ap.add_argument("--resume", action="store_true", help="continue the run in --run if there is one")
     ap.add_argument("--epochs", type=int, default=None, help="override the recipe's 150 epochs")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="override the recipe's peak learning rate (saved in the run state: later "
+                         "resumes keep it)")
+    ap.add_argument("--val-every", type=int, default=None, help="validate every N epochs (recipe: 10)")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="stop after this epoch without changing the schedule (resume later)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--export", action="store_true", help="only export the best checkpoint to the package")
@@ -220,11 +259,20 @@ def main(argv=None) -> int:
     split = load_split(args.data)
     torch.manual_seed(SEED)
     net = CPSAMNet(get_config("small").replace(**CONFIG))
+    stop = threading.Event()
+
+    def after_epoch(row: dict) -> None:
+        if args.stop_after is not None and row.get("epoch", -1) + 1 >= args.stop_after:
+            stop.set()
+
+    if args.stop_after is not None and args.stop_after < 1:
+        ap.error("--stop-after must be >= 1")
     res = train(
         net, sources(args.data, split, "train"), sources(args.data, split, "val"),
         recipe="shipped", out=args.run / "cpsam_small_fp32.pt", run_dir=args.run, resume=args.resume,
-        epochs=args.epochs, seed=SEED, device=args.device, mix=MIX,
+        epochs=args.epochs, lr=args.lr, val_every=args.val_every, seed=SEED, device=args.device, mix=MIX,
         meta={"split": "cpsam_toolkit/models/shipped_split.json", "mix": MIX},
+        callback=after_epoch, stop_event=stop,
     )
     print(res.report())
     return 0

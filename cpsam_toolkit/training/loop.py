@@ -414,8 +414,8 @@ def train(
         return res
 
     def score(v: dict[str, Any]) -> float | None:
-        if v.get("val_ap50") is not None:
-            return v["val_ap50"]
+        if v.get("val_ap50") is not None:  # ties (e.g. all 0 early on) go to the lower validation loss
+            return v["val_ap50"] - 1e-6 * v.get("val_loss", 0.0)
         if v.get("val_loss") is not None:
             return -v["val_loss"]
         return None

@@ -20,6 +20,9 @@
     rate for a randomly initialised network, gradient clipping, less layer drop, 150 epochs of
     64 images (first planned as 60; stretched at epoch 14, before any learning-rate step, because
     the network was still on its initial loss plateau — the schedule is identical up to then).
+    The shipped run itself was resumed after epoch 50 with lr 1e-3 and 260 epochs (still
+    before any learning-rate step), because the flows were learned too slowly at 4e-4; its
+    model card lists the exact commands.
 
 Scale augmentation draws the zoom relative to each image's own pixel size; the paper's
 whole-dataset training first rescales images to a 30 px mean diameter, which is not done here
