@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 
@@ -55,3 +58,27 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if device.type == "cpu" and dtype == torch.float16:
         raise ValueError("fp16 is not supported on the CPU; use 'fp32' or 'bf16'")
     return dtype
+
+
+@contextmanager
+def one_cpu_thread() -> Iterator[None]:
+    """Run the calling thread's torch CPU ops single-threaded inside the block or function.
+
+    For flow tracking, masks and flow errors: many small element-wise ops, which two intra-op
+    threads do not speed up on idle cores and slow down 5-35x on shared ones (spin-waiting
+    OpenMP threads: several CellProfiler or Dask workers on one node, a busy JupyterHub).
+    The previous count is restored on exit, also after an error. Set from a worker thread
+    (the Jupyter viewer, Dask tasks) the count is that thread's own; set from the main thread
+    torch applies it process-wide, so other threads' torch CPU ops also run single-threaded
+    while the block runs (the package's reader/writer threads do no torch work). GPU work is
+    unaffected. Use as ``with one_cpu_thread():`` or as ``@one_cpu_thread()``.
+    """
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from cpsam_toolkit.device import resolve_device
+from cpsam_toolkit.device import one_cpu_thread, resolve_device
 from cpsam_toolkit.flows import _bboxes, _buckets, _crop_shapes, _gather_crops, object_pixel_flows
 
 __all__ = [
@@ -81,12 +81,13 @@ def _dedupe(pt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _split(pt: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Pad (ndim, N) positions to a multiple of the batch count used for ``grid_sample``.
 
-    The CPU ``grid_sample`` kernel runs its batch dimension in parallel, so the points are split
-    into one batch per thread (the flow image is expanded, not copied). Padding columns repeat
-    column 0 and are never read back.
+    The CPU ``grid_sample`` kernel runs its batch dimension in parallel; points split into
+    several batches would use several threads (the flow image is expanded, not copied). One
+    batch is used now (see :func:`_track`); padding columns would repeat column 0 and are never
+    read back.
     """
     n = pt.shape[1]
-    nb = min(torch.get_num_threads(), max(1, n // 2**15)) if pt.device.type == "cpu" else 1
+    nb = 1  # one batch: single-threaded on the CPU (see _track)
     extra = (-n) % nb
     if extra:
         pt = torch.cat([pt, pt[:, :1].expand(-1, extra)], 1)
@@ -114,6 +115,10 @@ def _track(
         Final positions.
     """
     ndim, n0 = pt.shape
+    # On the CPU the per-step update runs in NumPy on views of the same memory (same float32
+    # operations, same bits) and grid_sample gets one batch: single-threaded. Two torch threads
+    # were no faster on 2 idle cores and 10-35x slower on busy ones (spin-waiting threads).
+    cpu = pt.device.type == "cpu"
     remaps = []
     next_check, interval = 15, 10
     pt, nb = _split(pt)
@@ -131,8 +136,13 @@ def _track(
         grid = pt.T.reshape(nb, *([1] * (ndim - 1)), n, ndim)
         step = F.grid_sample(im.expand(nb, *im.shape[1:]), grid, mode="bilinear",
                              padding_mode="zeros", align_corners=False)
-        pt.view(ndim, nb, n).add_(step.view(nb, ndim, n).transpose(0, 1))
-        pt.clamp_(-1.0, 1.0)
+        if cpu and nb == 1:
+            p = pt.numpy()
+            np.add(p, step.numpy().reshape(ndim, n), out=p)
+            np.clip(p, -1.0, 1.0, out=p)
+        else:
+            pt.view(ndim, nb, n).add_(step.view(nb, ndim, n).transpose(0, 1))
+            pt.clamp_(-1.0, 1.0)
     if not remaps:
         return pt[:, :n0]
     # compose the merges last to first: the sizes shrink, so this is cheaper than updating an
@@ -143,6 +153,7 @@ def _track(
     return pt.index_select(1, owner[:n0])
 
 
+@one_cpu_thread()
 def follow_flows(
     dP: np.ndarray,
     inds: tuple[np.ndarray, ...],
@@ -256,6 +267,7 @@ def _grow_seeds(
     return rank, bins[rank, pos]
 
 
+@one_cpu_thread()
 def get_masks(
     p_final: torch.Tensor | np.ndarray,
     inds: tuple[np.ndarray, ...],
@@ -330,6 +342,7 @@ def _renumber(masks: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- quality control
 
 
+@one_cpu_thread()
 def flow_errors(
     masks: np.ndarray, flows: np.ndarray, *, device: str | torch.device | None = None
 ) -> np.ndarray:
@@ -481,6 +494,7 @@ def fill_holes_and_remove_small_masks(masks: np.ndarray, min_size: int = 15) -> 
 # ---------------------------------------------------------------- pipeline
 
 
+@one_cpu_thread()
 def compute_masks(
     flows: np.ndarray,
     cellprob: np.ndarray,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from cpsam_toolkit.device import resolve_device
+from cpsam_toolkit.device import one_cpu_thread, resolve_device
 
 __all__ = [
     "diffusion_heat",
@@ -206,35 +206,50 @@ def _diffuse(inside: torch.Tensor, centre: torch.Tensor, n_iter: int) -> torch.T
     -------
     (B, *crop) float32 tensor
         Heat ``T`` after ``n_iter`` iterations (0 outside the object).
+
+    Notes
+    -----
+    On the CPU the loop runs in NumPy: the same float32 operations in the same order (so the
+    same bits as with torch), but single-threaded. Each step is a few small element-wise ops,
+    which torch's intra-op threads do not speed up (measured: equal times with 1 and 2 threads)
+    and which become 10-30x slower when the cores are shared (spin-waiting threads; several
+    CellProfiler or Dask workers, a JupyterHub node).
     """
     ndim = inside.ndim - 1
     B = inside.shape[0]
     inner = (slice(None),) + (slice(1, -1),) * ndim
-    w = inside[inner].to(torch.float32) / (9.0 if ndim == 2 else 7.0)
-    T = torch.zeros(inside.shape, dtype=torch.float32, device=inside.device)
-    T_next = torch.zeros_like(T)
-    src = torch.arange(B, device=T.device) * T[0].numel() + centre
-    buf = torch.empty_like(w)
-    if ndim == 2:
-        rows = torch.empty((B, inside.shape[1] - 2, inside.shape[2]), device=T.device)
+    if inside.device.type == "cpu":
+        xp, ins = np, inside.numpy()
+        w = ins[inner].astype(np.float32) / np.float32(9.0 if ndim == 2 else 7.0)
+        T = np.zeros(ins.shape, np.float32)
+        src = np.arange(B) * T[0].size + centre.numpy()
+    else:
+        xp = torch
+        w = inside[inner].to(torch.float32) / (9.0 if ndim == 2 else 7.0)
+        T = torch.zeros(inside.shape, dtype=torch.float32, device=inside.device)
+        src = torch.arange(B, device=T.device) * T[0].numel() + centre
+    T_next = xp.zeros_like(T)
+    buf = xp.empty_like(w)
+    rows = xp.empty_like(T[:, 1:-1]) if ndim == 2 else None
     for _ in range(n_iter):
-        T.view(-1)[src] += 1.0
+        T.reshape(-1)[src] += 1.0
         # sums in mirror-symmetric order, so symmetric objects get exactly symmetric heat
         if ndim == 2:
-            torch.add(T[:, :-2], T[:, 2:], out=rows)
+            xp.add(T[:, :-2], T[:, 2:], out=rows)
             rows += T[:, 1:-1]
-            torch.add(rows[:, :, :-2], rows[:, :, 2:], out=buf)
+            xp.add(rows[:, :, :-2], rows[:, :, 2:], out=buf)
             buf += rows[:, :, 1:-1]
         else:
-            torch.add(T[:, :-2, 1:-1, 1:-1], T[:, 2:, 1:-1, 1:-1], out=buf)
+            xp.add(T[:, :-2, 1:-1, 1:-1], T[:, 2:, 1:-1, 1:-1], out=buf)
             buf += T[:, 1:-1, :-2, 1:-1] + T[:, 1:-1, 2:, 1:-1]
             buf += T[:, 1:-1, 1:-1, :-2] + T[:, 1:-1, 1:-1, 2:]
             buf += T[:, 1:-1, 1:-1, 1:-1]
-        torch.mul(buf, w, out=T_next[inner])
+        xp.multiply(buf, w, out=T_next[inner])
         T, T_next = T_next, T
-    return T
+    return torch.from_numpy(T) if xp is np else T
 
 
+@one_cpu_thread()
 def diffusion_heat(
     masks: np.ndarray,
     *,
@@ -311,6 +326,7 @@ def _wide_float(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+@one_cpu_thread()
 def masks_to_flows(
     masks: np.ndarray,
     *,

@@ -95,11 +95,13 @@ class SegmentationResult:
     @cached_property
     def objects(self) -> dict[str, np.ndarray]:
         """Per-object measurements, row i for label i+1: ``label, area, centroid_y,
-        centroid_x, mean_cellprob`` (mean probability 0..1) and ``flow_error`` (the QC
-        error; lower is better)."""
-        return object_table(self.masks, self.flows, self.cellprob)
+        centroid_x, mean_cellprob`` (mean probability 0..1) and ``flow_error`` (the error the
+        flow QC computed for the mask, on the mask as tracked, before hole filling — the number
+        compared with ``flow_threshold``; lower is better)."""
+        return object_table(self.masks, self.flows, self.cellprob, flow_error=self._qc)
 
     _stages: dict = field(default_factory=dict, repr=False, compare=False)
+    _qc: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def recompute(self, **changes: Any) -> SegmentationResult:
         """New result from the cached flows with other post-processing settings.
@@ -115,27 +117,54 @@ class SegmentationResult:
             return SegmentationResult(
                 masks_from_flows(self.flows, self.cellprob, opts), self.flows, self.cellprob, opts, self.name
             )
-        key = (opts.cellprob_threshold, opts.niter or 200, opts.max_size_fraction)
-        if key not in self._stages:
-            if len(self._stages) >= 8:
-                self._stages.pop(next(iter(self._stages)))
-            raw = tracked_masks(self.flows, self.cellprob, opts)
-            self._stages[key] = (raw, None)
-        raw, errors = self._stages[key]
-        if errors is None and opts.flow_threshold > 0 and raw.max() > 0:
-            errors = np.asarray(dynamics.flow_errors(raw, self.flows), dtype=np.float64)
-            self._stages[key] = (raw, errors)
-        masks = raw
-        if opts.flow_threshold > 0 and raw.max() > 0:
-            lut = np.ones(int(raw.max()) + 1, bool)
-            lut[1:] = errors[: len(lut) - 1] <= opts.flow_threshold
-            masks = np.where(lut[raw], raw, 0).astype(raw.dtype)
-        masks = dynamics.fill_holes_and_remove_small_masks(masks, min_size=opts.min_size)
-        return SegmentationResult(masks, self.flows, self.cellprob, opts, self.name, self._stages)
+        masks, qc = staged_masks(self.flows, self.cellprob, opts, self._stages)
+        return SegmentationResult(masks, self.flows, self.cellprob, opts, self.name, self._stages, qc)
 
 
-def object_table(masks: np.ndarray, flows: np.ndarray, cellprob: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-object area, centroid, mean cell probability and flow error of a 2D label image."""
+def staged_masks(
+    flows: np.ndarray, cellprob: np.ndarray, opts: MaskOptions, stages: dict
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """2D masks as :func:`masks_from_flows`, through a cache of the tracking stage.
+
+    ``stages`` maps ``(cellprob_threshold, niter, max_size_fraction)`` to the tracked masks and
+    their flow errors (at most 8 entries; filled here). Returns the masks and the QC flow error
+    of each final mask (float64, row i for label i+1), or None when the QC is off.
+    """
+    key = (opts.cellprob_threshold, opts.niter or 200, opts.max_size_fraction)
+    if key not in stages:
+        if len(stages) >= 8:
+            stages.pop(next(iter(stages)))
+        stages[key] = (tracked_masks(flows, cellprob, opts), None)
+    raw, errors = stages[key]
+    qc_on = opts.flow_threshold is not None and opts.flow_threshold > 0
+    if errors is None and qc_on and raw.max() > 0:
+        errors = np.asarray(dynamics.flow_errors(raw, flows), dtype=np.float64)
+        stages[key] = (raw, errors)
+    masks = raw
+    if qc_on and raw.max() > 0:
+        lut = np.ones(int(raw.max()) + 1, bool)
+        lut[1:] = errors[: len(lut) - 1] <= opts.flow_threshold
+        masks = np.where(lut[raw], raw, 0).astype(raw.dtype)
+    masks = dynamics.fill_holes_and_remove_small_masks(masks, min_size=opts.min_size)
+    if not qc_on:
+        return masks, None
+    # final labels are renumbered in raster order; the raster-first pixel of a final mask is
+    # never a filled hole (holes lie strictly inside the mask's bounding box), so it names the
+    # tracked mask it came from
+    labels, first = np.unique(masks.ravel(), return_index=True)
+    first = first[labels > 0]
+    qc = errors[raw.ravel()[first].astype(np.int64) - 1] if len(first) else np.zeros(0)
+    return masks, qc
+
+
+def object_table(
+    masks: np.ndarray, flows: np.ndarray, cellprob: np.ndarray, flow_error: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Per-object area, centroid, mean cell probability and flow error of a 2D label image.
+
+    ``flow_error`` (one per label, e.g. the QC errors from :func:`staged_masks`) is used as given;
+    otherwise it is computed from ``masks`` with :func:`cpsam_toolkit.dynamics.flow_errors`.
+    """
     n = int(masks.max()) if masks.size else 0
     lab = masks.ravel().astype(np.int64)
     area = np.bincount(lab, minlength=n + 1)[1:]
@@ -149,11 +178,12 @@ def object_table(masks: np.ndarray, flows: np.ndarray, cellprob: np.ndarray) -> 
         "centroid_x": np.bincount(lab, xx.ravel(), n + 1)[1:] / safe,
         "mean_cellprob": np.bincount(lab, prob, n + 1)[1:] / safe,
     }
-    table["flow_error"] = (
-        np.asarray(dynamics.flow_errors(masks, flows), dtype=np.float64)[:n]
-        if n
-        else np.zeros(0)
-    )
+    if flow_error is not None and len(flow_error) == n:
+        table["flow_error"] = np.asarray(flow_error, dtype=np.float64)
+    else:
+        table["flow_error"] = (
+            np.asarray(dynamics.flow_errors(masks, flows), dtype=np.float64)[:n] if n else np.zeros(0)
+        )
     return table
 
 
@@ -358,7 +388,13 @@ class CellposeSAM:
                 yield panoptic_result(*out, classes, masks, name)
                 continue
             flows, cellprob = out
-            yield SegmentationResult(masks_from_flows(flows, cellprob, masks), flows, cellprob, masks, name)
+            if flows.shape[0] != 2:
+                labels = masks_from_flows(flows, cellprob, masks)
+                yield SegmentationResult(labels, flows, cellprob, masks, name)
+                continue
+            stages: dict = {}  # kept with the result, so a later recompute() reuses the tracking
+            labels, qc = staged_masks(flows, cellprob, masks, stages)
+            yield SegmentationResult(labels, flows, cellprob, masks, name, stages, qc)
 
     def segment(
         self,

@@ -276,3 +276,54 @@ def test_fill_holes_matches_reference_on_random_labels():
             ref = ref_utils.fill_holes_and_remove_small_masks(labels.copy(), min_size=min_size)
             np.testing.assert_array_equal(fill_holes_and_remove_small_masks(labels, min_size), ref)
     assert nested > 10
+
+
+# ---------------------------------------------------------------- staged results and threads
+
+
+@pytest.mark.parametrize("name", ["dsb_nuclei", "usiigaci_phase"])
+def test_staged_masks_equal_compute_masks_and_carry_the_qc_errors(real_cases, name):
+    """segment()/recompute() go through staged_masks: same labels as compute_masks, and the
+    per-object flow error is the one the QC compared with the threshold."""
+    from cpsam_toolkit.segment import MaskOptions, SegmentationResult, staged_masks, tracked_masks
+
+    flows, cellprob = network_like(real_cases[name], noise=2.0, seed=3)
+    stages: dict = {}
+    for opts in (MaskOptions(), MaskOptions(flow_threshold=0.2), MaskOptions(cellprob_threshold=1.0),
+                 MaskOptions(min_size=60), MaskOptions(flow_threshold=0)):
+        masks, qc = staged_masks(flows, cellprob, opts, stages)
+        ref = compute_masks(flows, cellprob, cellprob_threshold=opts.cellprob_threshold,
+                            flow_threshold=opts.flow_threshold, min_size=opts.min_size)
+        assert np.array_equal(masks, ref), opts
+        if opts.flow_threshold == 0:
+            assert qc is None
+            continue
+        raw = tracked_masks(flows, cellprob, opts)
+        err = flow_errors(raw, flows)
+        assert len(qc) == masks.max() and np.all(qc <= opts.flow_threshold)
+        for label in range(1, int(masks.max()) + 1):  # the tracked mask each object came from
+            src = np.bincount(raw[masks == label]).argmax()
+            assert qc[label - 1] == err[src - 1]
+        table = SegmentationResult(masks, flows, cellprob, opts, _qc=qc).objects
+        assert np.array_equal(table["flow_error"], qc)
+    # a result without QC errors computes them from its own masks
+    plain = SegmentationResult(ref, flows, cellprob).objects["flow_error"]
+    assert np.allclose(plain, flow_errors(ref, flows), equal_nan=True)
+
+
+def test_one_cpu_thread_is_restored():
+    from cpsam_toolkit.device import one_cpu_thread
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with one_cpu_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError), one_cpu_thread():  # restored after an error too
+            raise ValueError
+        assert torch.get_num_threads() == 2
+        compute_masks(*network_like(disks((64, 64), n=3, rmin=5, rmax=8), noise=0.0, seed=0))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(n)
