@@ -176,11 +176,11 @@ def _lr_history(history: list[dict]) -> str:
         if i == 0 and len(rows) > 1 and rows[1][1] > rows[0][1]:  # warm-up ramp
             while j + 1 < len(rows) and rows[j + 1][1] > rows[j][1]:
                 j += 1
-            parts.append(f"epochs {rows[i][0]}-{rows[j][0]} warm-up to {rows[j][1]:.0e}")
+            parts.append(f"epochs {rows[i][0]}-{rows[j][0]} warm-up to {rows[j][1]:.2g}")
         else:
             while j + 1 < len(rows) and rows[j + 1][1] == rows[i][1]:
                 j += 1
-            parts.append(f"{rows[i][0]}-{rows[j][0]} {rows[i][1]:.0e}")
+            parts.append(f"{rows[i][0]}-{rows[j][0]} {rows[i][1]:.2g}")
         i = j + 1
     return ", ".join(parts) if parts else "(not started)"
 
@@ -224,8 +224,12 @@ def export(run: Path, dest: Path = MODELS / "cpsam_small.pt") -> None:
         tile=split["consep_val_tile"], table=_table(history), lr_history=_lr_history(history),
         commands="\n".join(STAGES),
         warning=("" if ((meta.get("val") or {}).get("val_ap50") or 0) >= 0.3 else
-                 "\n**Warning: this is an early checkpoint of a run still in progress; it does not segment "
-                 "usefully yet (see the validation table). Use the official `cpsam` weights meanwhile.**\n"),
+                 ("\n**Warning: this is an early checkpoint of a run still in progress; it does not segment "
+                  "usefully yet (see the validation table). Use the official `cpsam` weights meanwhile.**\n"
+                  if done < rec.epochs else
+                  "\n**Warning: this model is weak: 2.2 M parameters trained from scratch for a few hours on 2 "
+                  "CPU cores. It finds some nuclei (see the validation table) and little else. Use it for "
+                  "tests and demos only, and the official `cpsam` weights for real work.**\n")),
         hours=max(1, round(sum(h.get("time", 0) for h in history) / 3600 * rec.epochs / max(done, 1))),
     )
     (MODELS / "MODEL_CARD.md").write_text(card)
