@@ -62,8 +62,8 @@ def _trained_reason() -> str:
     ap = shipped_val_ap50()
     if ap is None:
         return "the shipped model (or its recorded validation AP) is not committed yet"
-    return (f"the shipped model is still in training: its recorded validation AP@0.5 is {ap:.2f} "
-            "(< 0.5, see cpsam_toolkit/models/MODEL_CARD.md); accuracy checks start once it is useful")
+    return (f"the shipped model is too weak for accuracy checks: its recorded validation AP@0.5 is "
+            f"{ap:.2f} (< 0.5, see cpsam_toolkit/models/MODEL_CARD.md); they start once it is useful")
 
 
 #: accuracy checks that need a usefully trained shipped model
