@@ -6,8 +6,9 @@ the masks are the same (tested label for label on real and synthetic inputs). Wh
 the cost:
 
 * tracking: pixels that land on exactly the same float32 position have the same future, so they
-  are merged and tracked once (exact; about 2x fewer point-steps), and on the CPU the points are
-  split into one ``grid_sample`` batch per thread (its kernel is parallel over the batch only);
+  are merged and tracked once (exact; about 2x fewer point-steps); on the CPU tracking and
+  diffusion run single-threaded (NumPy per-step updates, ``device.one_cpu_thread``), as fast
+  on idle cores as two threads and 10-35x faster on busy ones;
 * QC: the flows of the masks come from per-object crop diffusion in float32
   (:func:`cpsam_toolkit.flows.object_pixel_flows`), evaluated at the mask pixels only;
 * seeds, masks and hole filling: vectorised (hole filling falls back to the reference's
@@ -78,22 +79,6 @@ def _dedupe(pt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pt.index_select(1, kept), remap
 
 
-def _split(pt: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Pad (ndim, N) positions to a multiple of the batch count used for ``grid_sample``.
-
-    The CPU ``grid_sample`` kernel runs its batch dimension in parallel; points split into
-    several batches would use several threads (the flow image is expanded, not copied). One
-    batch is used now (see :func:`_track`); padding columns would repeat column 0 and are never
-    read back.
-    """
-    n = pt.shape[1]
-    nb = 1  # one batch: single-threaded on the CPU (see _track)
-    extra = (-n) % nb
-    if extra:
-        pt = torch.cat([pt, pt[:, :1].expand(-1, extra)], 1)
-    return pt, nb
-
-
 def _track(
     im: torch.Tensor, pt: torch.Tensor, niter: int, dedupe: bool
 ) -> torch.Tensor:
@@ -121,7 +106,6 @@ def _track(
     cpu = pt.device.type == "cpu"
     remaps = []
     next_check, interval = 15, 10
-    pt, nb = _split(pt)
     for t in range(niter):
         if dedupe and t == next_check and niter - t > 10:
             before = pt.shape[1]
@@ -130,18 +114,16 @@ def _track(
             # back off while merging does not pay (a merge costs a few steps)
             interval = interval if pt.shape[1] < 0.9 * before else 2 * interval
             next_check = t + interval
-            pt, nb = _split(pt)
-        # planar storage viewed as an (nb, [1,] 1, N/nb, ndim) grid: no copies per step
-        n = pt.shape[1] // nb
-        grid = pt.T.reshape(nb, *([1] * (ndim - 1)), n, ndim)
-        step = F.grid_sample(im.expand(nb, *im.shape[1:]), grid, mode="bilinear",
-                             padding_mode="zeros", align_corners=False)
-        if cpu and nb == 1:
+        # planar storage viewed as a (1, [1,] 1, N, ndim) grid: no copies per step
+        n = pt.shape[1]
+        grid = pt.T.reshape(1, *([1] * (ndim - 1)), n, ndim)
+        step = F.grid_sample(im, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if cpu:
             p = pt.numpy()
             np.add(p, step.numpy().reshape(ndim, n), out=p)
             np.clip(p, -1.0, 1.0, out=p)
         else:
-            pt.view(ndim, nb, n).add_(step.view(nb, ndim, n).transpose(0, 1))
+            pt.add_(step.view(ndim, n))
             pt.clamp_(-1.0, 1.0)
     if not remaps:
         return pt[:, :n0]

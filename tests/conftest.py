@@ -82,3 +82,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A randomly initialised 'tiny' checkpoint (seed 0), saved once per test module."""
+    import torch
+
+    from cpsam_toolkit.network import CPSAMNet, get_config
+    from cpsam_toolkit.network.checkpoints import save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_checkpoint(CPSAMNet(get_config("tiny")), path)
+    return path

@@ -19,7 +19,6 @@ from test_cli_segment import (  # noqa: F401
     gradient_model,
     make_plate,
     temp_files,
-    tiny_model,
 )
 
 from cpsam_toolkit import batch
@@ -219,7 +218,7 @@ def test_dask_equals_single_process(tmp_path, data_dir, gradient_model, client):
         (tmp_path / "single" / "failures.csv").read_text()
 
 
-def test_dask_workers_load_the_model_file_once(tmp_path, data_dir, tiny_model, client):  # noqa: F811
+def test_dask_workers_load_the_model_file_once(tmp_path, data_dir, tiny_model, client):
     make_plate(data_dir, tmp_path / "plate", 6, broken=False)
     fast = MaskOptions(cellprob_threshold=8.0)  # random weights: nothing to track, quick
     before = client.run(batch.model_loads)
@@ -237,7 +236,7 @@ def test_dask_workers_load_the_model_file_once(tmp_path, data_dir, tiny_model, c
     assert single.ok
 
 
-def test_cli_dask_local_cluster(tmp_path, data_dir, tiny_model, capsys):  # noqa: F811
+def test_cli_dask_local_cluster(tmp_path, data_dir, tiny_model, capsys):
     good, _ = make_plate(data_dir, tmp_path / "plate", 4, broken=False)
     with torch_threads(1):
         assert main(["segment", str(tmp_path / "plate"), "--out", str(tmp_path / "single"),
@@ -252,7 +251,7 @@ def test_cli_dask_local_cluster(tmp_path, data_dir, tiny_model, capsys):  # noqa
     assert read_masks(tmp_path / "dask") == read_masks(tmp_path / "single")
 
 
-def test_invalid_options_raise_instead_of_looping(tmp_path, data_dir, tiny_model):  # noqa: F811
+def test_invalid_options_raise_instead_of_looping(tmp_path, data_dir, tiny_model):
     from cpsam_toolkit.segment import InputOptions
 
     make_plate(data_dir, tmp_path / "plate", 2, broken=False)

@@ -11,7 +11,7 @@ import pytest
 import tifffile
 from scipy import ndimage
 from test_batch import client, torch_threads  # noqa: F401
-from test_cli_segment import gradient_model, tiny_model  # noqa: F401
+from test_cli_segment import gradient_model  # noqa: F401
 
 from cpsam_toolkit import blockwise, outputs, preprocess
 from cpsam_toolkit.segment import InputOptions, MaskOptions, SegmentationResult
@@ -246,7 +246,7 @@ def test_dask_blockwise_equals_serial(tmp_path, data_dir, gradient_model, tiny_m
     assert np.array_equal(a.read(), b.read())
 
 
-def test_cli_blockwise(tmp_path, data_dir, tiny_model, capsys):  # noqa: F811
+def test_cli_blockwise(tmp_path, data_dir, tiny_model, capsys):
     from cpsam_toolkit.cli import main
 
     img, _ = mosaic(data_dir, 512)
@@ -266,7 +266,7 @@ def test_cli_blockwise(tmp_path, data_dir, tiny_model, capsys):  # noqa: F811
 
 
 @pytest.mark.parametrize("augment", [False, True])
-def test_block_network_outputs_are_the_whole_image_outputs(data_dir, tiny_model, augment):  # noqa: F811
+def test_block_network_outputs_are_the_whole_image_outputs(data_dir, tiny_model, augment):
     """Each crop is computed from the whole image's tile grid: bit-identical outputs on CPU."""
     from cpsam_toolkit.segment import NetOptions, load_model
 

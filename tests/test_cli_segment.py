@@ -21,19 +21,6 @@ DSB = "dsb2018_stage1_train_fixed"
 FAST = ("--cellprob-threshold", "8")
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    import torch
-
-    from cpsam_toolkit.network import CPSAMNet, get_config
-    from cpsam_toolkit.network.checkpoints import save_checkpoint
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_checkpoint(CPSAMNet(get_config("tiny")), path)
-    return path
-
-
 class GradientNet:
     """A deterministic stand-in network for CI (random weights find no cells, so masks would be
     empty and comparisons trivial): flows point up the gradient of the smoothed first channel

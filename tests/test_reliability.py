@@ -32,7 +32,7 @@ from cpsam_toolkit import io as cio
 from cpsam_toolkit import outputs
 from cpsam_toolkit.cli import main
 from cpsam_toolkit.network import CPSAMNet, get_config
-from cpsam_toolkit.network.checkpoints import CheckpointError, save_checkpoint
+from cpsam_toolkit.network.checkpoints import CheckpointError
 from cpsam_toolkit.preprocess import ImageInputError
 from cpsam_toolkit.segment import load_model
 from cpsam_toolkit.training.data import LabelError, TrainingSet
@@ -43,11 +43,8 @@ FAST_CLI = ("--cellprob-threshold", "8")
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_checkpoint(CPSAMNet(get_config("tiny")), path)
-    return path
+def tiny_path(tiny_model) -> Path:
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
