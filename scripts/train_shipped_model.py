@@ -136,9 +136,11 @@ python scripts/train_shipped_model.py --export      # best checkpoint -> cpsam_t
 
 The run is resumable (state written atomically every epoch in `runs/shipped/state.pt`): after a
 kill, the same command continues from the last completed epoch. The stages above are how this
-run actually went (it was resumed with a higher learning rate and more epochs when validation
-showed it learning too slowly; every change happened before the first learning-rate step, so
-the schedule stretched without a jump). Each epoch draws its samples from its own seeded
+run actually went: it was resumed with a higher learning rate and more epochs when validation
+showed it learning too slowly (before the first learning-rate step, so the schedule stretched
+without a jump), and after the finished 260-epoch schedule it was restarted warm (learning rate
+back from 5e-05 to 1e-3 at epoch 261, the same step-down schedule stretched to 520 epochs) because
+validation was still improving. Each epoch draws its samples from its own seeded
 generator, so with one thread (`--threads 1`) the same commands give the same weights; this
 run used two threads, so a rerun agrees in its course, not bit for bit.
 
@@ -186,10 +188,11 @@ def _lr_history(history: list[dict]) -> str:
 
 
 #: the commands of this run's stages (see the card): recipe defaults for 50 epochs, then a
-#: higher learning rate and a longer schedule
+#: higher learning rate and a longer schedule, then a warm restart of the schedule to 520 epochs
 STAGES = (
     "python scripts/train_shipped_model.py --stop-after 50",
     "python scripts/train_shipped_model.py --resume --lr 1e-3 --epochs 260 --val-every 20",
+    "python scripts/train_shipped_model.py --resume --lr 1e-3 --epochs 520 --val-every 40",
 )
 
 
