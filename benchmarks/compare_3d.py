@@ -47,16 +47,11 @@ def reference_model(model):
 
 def best_ious(truth: np.ndarray, pred: np.ndarray) -> list[float]:
     """For each true object, its highest IoU with any predicted object."""
-    out = []
-    for t in range(1, int(truth.max()) + 1):
-        inside = truth == t
-        ids, counts = np.unique(pred[inside], return_counts=True)
-        best = 0.0
-        for i, c in zip(ids, counts):
-            if i:
-                best = max(best, c / np.logical_or(inside, pred == i).sum())
-        out.append(round(float(best), 2))
-    return out
+    from cpsam_toolkit.metrics import iou_matrix
+
+    iou = iou_matrix(truth, pred)[0]
+    best = iou.max(axis=1) if iou.shape[1] else np.zeros(iou.shape[0])
+    return [round(float(v), 2) for v in best]
 
 
 def main() -> None:

@@ -47,17 +47,15 @@ def stems(data_dir: Path, dataset: str) -> list[str]:
 SHIPPED_MODEL = ROOT / "cpsam_toolkit" / "models" / "cpsam_small.pt"
 
 
-def shipped_val_ap50(group: str | None = "dsb2018") -> float | None:
-    """Validation AP@0.5 recorded in the shipped model's metadata for one data set (``None`` for
-    the mean over the sets); ``None`` if absent. The accuracy checks all run on DSB nuclei, so
-    they are gated on the DSB figure."""
+def shipped_val_ap50() -> float | None:
+    """DSB validation AP@0.5 recorded in the shipped model's metadata (None if absent): the
+    accuracy checks all run on DSB nuclei, so they are gated on the DSB figure."""
     if not SHIPPED_MODEL.exists():
         return None
     import torch
 
     meta = torch.load(SHIPPED_MODEL, map_location="cpu", weights_only=True).get("meta", {})
-    val = meta.get("val") or {}
-    val = val.get("val_ap50") if group is None else (val.get("val_ap50_groups") or {}).get(group)
+    val = ((meta.get("val") or {}).get("val_ap50_groups") or {}).get("dsb2018")
     return None if val is None else float(val)
 
 

@@ -97,7 +97,7 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
         # real-data 3D run: the 8-cell QCANet embryo (8 nuclei, anisotropy 2.18) in 3D and by
         # 2D + stitching. The shipped model was never trained on 3D data and its AP here moves a
         # lot between checkpoints (0.78 at epoch 260, 0.23 at 520), so only the object count is
-        # held to a range; docs/benchmarks.md compares the pipeline with the reference's
+        # held to a range; benchmarks/compare_3d.py compares the pipeline with the reference's
         rows = {m.group(1).strip(): (int(m.group(2)), float(m.group(3)))
                 for m in re.finditer(r"^(.+?) objects +(\d+) \| AP@0\.5 ([\d.]+)", text, re.M)}
         assert "3D, anisotropy 2.18" in rows and any(k.startswith("2D + stitching") for k in rows), rows
