@@ -29,6 +29,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--nimg-per-epoch", type=int, default=None)
     p.add_argument("--val-every", type=int, default=None)
+    p.add_argument("--layer-drop", type=float, default=None,
+                   help="skip probability of the deepest encoder block in training (recipe: 0.4, "
+                        "the paper's; use the starting model's own, e.g. 0.1 for the shipped small model)")
     p.add_argument("--min-masks", type=int, default=None, help="skip images with fewer masks")
     p.add_argument("--no-val-ap", action="store_true", help="validate the loss only (faster)")
     p.add_argument("--resume", action="store_true", help="continue the run of --out")
@@ -73,8 +76,8 @@ def run(args) -> int:
         net, args.train, args.val, recipe=args.recipe, out=args.out, resume=args.resume,
         epochs=args.epochs, lr=args.lr, seed=args.seed, device=args.device, log=args.log,
         batch_size=args.batch_size, nimg_per_epoch=args.nimg_per_epoch, val_every=args.val_every,
-        min_masks=args.min_masks, val_ap=not args.no_val_ap, img_suffix=args.img_suffix,
-        mask_suffix=args.mask_suffix, progress=not args.quiet,
+        min_masks=args.min_masks, layer_drop=args.layer_drop, val_ap=not args.no_val_ap,
+        img_suffix=args.img_suffix, mask_suffix=args.mask_suffix, progress=not args.quiet,
         meta={"start_model": start},
     )
     print(res.report())
