@@ -288,6 +288,7 @@ def train(
     mask_suffix: str = "_masks",
     min_masks: int | None = None,
     layer_drop: float | None = None,
+    augment: AugmentConfig | None = None,
     run_dir: str | os.PathLike | None = None,
     cache_flows: bool = True,
     progress: bool = True,
@@ -313,10 +314,10 @@ def train(
     resume : bool
         Continue the run in ``run_dir`` from its last completed epoch. Without it an existing
         run there is an error (nothing is overwritten by accident).
-    epochs, lr, batch_size, nimg_per_epoch, val_every, min_masks, layer_drop
-        Override the recipe. ``layer_drop`` is the deepest block's skip probability: the
-        paper's 0.4 suits ViT-L (24 blocks); a network of a few blocks (the shipped small
-        model has 4) fine-tunes better with the 0.1 it was trained with.
+    epochs, lr, batch_size, nimg_per_epoch, val_every, min_masks, layer_drop, augment
+        Override the recipe (also that of a resumed run, which otherwise keeps its own).
+        ``layer_drop`` is the deepest block's skip probability: the paper's 0.4 is for
+        ViT-L (24 blocks); the shipped small model has 4 blocks and was trained with 0.1.
     seed : int
         Same seed, data and device -> the same weights (on the CPU).
     log : path
@@ -339,7 +340,8 @@ def train(
     rec = get_recipe(recipe)
     over = {k: v for k, v in dict(epochs=epochs, lr=lr, batch_size=batch_size,
                                   nimg_per_epoch=nimg_per_epoch, val_every=val_every,
-                                  min_masks=min_masks, layer_drop=layer_drop).items() if v is not None}
+                                  min_masks=min_masks, layer_drop=layer_drop,
+                                  augment=augment).items() if v is not None}
     if layer_drop is not None and not 0 <= layer_drop < 1:
         raise ValueError(f"layer_drop must be in [0, 1), got {layer_drop}")
     if nimg_per_epoch is not None:  # an explicit number of images per epoch wins over the minimum
