@@ -223,14 +223,17 @@ def test_cli_run_survives_sigkill_and_resumes(tmp_path, data_dir):
 
 
 def fluorescence_pairs(data_dir: Path, ids: list[str], n: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The first ``n`` DSB images of ``ids`` that are fluorescence: grey (equal channels) on a dark
-    background (mean < 100 of 255), the modality of most DSB images."""
+    """The first ``n`` DSB fluorescence images of ``ids`` (the selection of
+    ``scripts/finetune_record.py``, whose recorded longer run is in docs/finetuning.md)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        from finetune_record import is_fluorescence
+    finally:
+        sys.path.pop(0)
     out = []
     for s in ids:
         img, m = load_pair(data_dir, DSB, s)
-        grey = img if img.ndim == 2 else img[..., 0]
-        if (img.ndim == 2 or all(np.array_equal(grey, img[..., c]) for c in range(img.shape[-1]))) \
-                and grey.mean() < 100:
+        if is_fluorescence(img):
             out.append((img, m))
         if len(out) == n:
             break
