@@ -498,6 +498,8 @@ def load_model(
     model shipped inside this package. The choice is logged and kept in ``model.name``.
     Official files (``cpsam``, ``cpsam_v2``) are downloaded on first use into ``$CPSAM_HOME``
     (default ``~/.cache/cpsam``); files already in ``~/.cellpose/models`` are used.
+    Settings that a model file recommends (``info["recommended_settings"]``, e.g. the shipped
+    model's ``flow_threshold=0.8``) are logged, not applied: pass them to :meth:`segment`.
     """
     from .network import registry
     from .network.checkpoints import load_checkpoint
@@ -515,4 +517,8 @@ def load_model(
     net, meta = load_checkpoint(path)
     info = {"path": str(path), **meta}
     info["config"] = meta["config"].to_dict()
+    rec = meta.get("recommended_settings")
+    if rec:
+        log.warning("cpsam: %r recommends %s (see its model card)", name,
+                    ", ".join(f"{k}={v}" for k, v in rec.items()))
     return CellposeSAM(net, device=device, dtype=dtype, name=name, info=info)

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """The recorded fine-tuning run of ``docs/finetuning.md``: the shipped model fine-tuned on 8 images
-of one modality (DSB2018 fluorescence nuclei) through the ``cpsam train`` CLI, validated on the
-fluorescence images of the shipped model's own validation split.
+of one modality (DSB2018 brightfield nuclei, dark nuclei on a light background) through the
+``cpsam train`` CLI, validated on the brightfield images of the shipped model's own validation split.
 
     python scripts/finetune_record.py --work runs/finetune_record [--epochs 100] [-- extra cpsam train args]
 
-Writes ``<work>/train`` (8 pairs) and ``<work>/val`` (40 pairs) as ``<id>_img.tif`` /
+Writes ``<work>/train`` (8 pairs) and ``<work>/val`` (the 4 validation pairs) as ``<id>_img.tif`` /
 ``<id>_masks.tif``, runs ``cpsam train`` into ``<work>/model.pt`` (resumable with ``--resume``)
 and prints the base / final / best report; the per-epoch log is ``<work>/model.pt.run/log.jsonl``.
 The same selection of images is used by ``tests/test_training.py`` on a small budget.
@@ -27,26 +27,33 @@ SPLIT = ROOT / "cpsam_toolkit" / "models" / "shipped_split.json"
 DSB = "dsb2018_stage1_train_fixed"
 
 
-def is_fluorescence(img: np.ndarray) -> bool:
-    """Grey (equal channels) on a dark background: mean < 100 of 255."""
+def modality(img: np.ndarray) -> str:
+    """DSB2018 image kind: "fluorescence" (grey, dark background: mean < 100 of 255),
+    "brightfield" (grey, light background) or "stained" (colour, e.g. H&E)."""
     grey = img if img.ndim == 2 else img[..., 0]
-    same = img.ndim == 2 or all(np.array_equal(grey, img[..., c]) for c in range(img.shape[-1]))
-    return bool(same and grey.mean() < 100)
+    if img.ndim == 3 and not all(np.array_equal(grey, img[..., c]) for c in range(img.shape[-1])):
+        return "stained"
+    return "fluorescence" if grey.mean() < 100 else "brightfield"
 
 
-def write_pairs(data: Path, ids: list[str], n: int, dest: Path) -> int:
-    dest.mkdir(parents=True, exist_ok=True)
-    k = 0
+def select(data: Path, ids: list[str], n: int, kind: str = "brightfield") -> list[str]:
+    """The first ``n`` ids of ``ids`` whose image is of modality ``kind``."""
+    out = []
     for s in ids:
-        img = tifffile.imread(data / DSB / "train" / f"{s}_img.tif")
-        if is_fluorescence(img):
-            tifffile.imwrite(dest / f"{s}_img.tif", img)
-            masks = tifffile.imread(data / DSB / "train" / f"{s}_masks.tif")
-            tifffile.imwrite(dest / f"{s}_masks.tif", masks)
-            k += 1
-        if k == n:
+        if modality(tifffile.imread(data / DSB / "train" / f"{s}_img.tif")) == kind:
+            out.append(s)
+        if len(out) == n:
             break
-    return k
+    return out
+
+
+def write_pairs(data: Path, ids: list[str], dest: Path) -> int:
+    dest.mkdir(parents=True, exist_ok=True)
+    for s in ids:
+        for part in ("img", "masks"):
+            src = data / DSB / "train" / f"{s}_{part}.tif"
+            tifffile.imwrite(dest / src.name, tifffile.imread(src))
+    return len(ids)
 
 
 def main(argv=None) -> int:
@@ -59,9 +66,9 @@ def main(argv=None) -> int:
     ap.add_argument("extra", nargs="*", help="more `cpsam train` arguments (after --)")
     args = ap.parse_args(argv)
     split = json.loads(SPLIT.read_text())
-    ntr = write_pairs(args.data, split["train"]["dsb2018"], 8, args.work / "train")
-    nva = write_pairs(args.data, split["val"]["dsb2018"], 100, args.work / "val")
-    print(f"{ntr} training and {nva} validation fluorescence images in {args.work}", flush=True)
+    ntr = write_pairs(args.data, select(args.data, split["train"]["dsb2018"], 8), args.work / "train")
+    nva = write_pairs(args.data, select(args.data, split["val"]["dsb2018"], 100), args.work / "val")
+    print(f"{ntr} training and {nva} validation brightfield images in {args.work}", flush=True)
     cmd = [sys.executable, "-m", "cpsam_toolkit", "train", "--train", str(args.work / "train"),
            "--val", str(args.work / "val"), "--model", "cpsam_toolkit_small",
            "--out", str(args.work / "model.pt"),

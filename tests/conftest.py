@@ -10,6 +10,7 @@ import pytest
 import tifffile
 
 ROOT = Path(__file__).resolve().parents[1]
+DSB = "dsb2018_stage1_train_fixed"
 DATA = Path(os.environ.get("CPSAM_DATA", ROOT.parent / "shared" / "data"))
 
 
@@ -71,6 +72,42 @@ def _trained_reason() -> str:
 requires_trained_shipped_model = pytest.mark.skipif(
     (shipped_val_ap50() or 0.0) < 0.5, reason=_trained_reason()
 )
+
+
+def shipped_recommended_flow_threshold() -> float:
+    """The flow threshold the shipped model's metadata recommends for nuclei (0.4 if none)."""
+    import torch
+
+    meta = torch.load(SHIPPED_MODEL, map_location="cpu", weights_only=True).get("meta", {})
+    return float((meta.get("recommended_settings") or {}).get("flow_threshold", 0.4))
+
+
+def dsb_fluorescence_val_stems(data_dir: Path) -> list[str]:
+    """The 40 fluorescence images of the shipped model's DSB validation split (held out from its
+    training), in split order: the images of the count-vs-ground-truth checks."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from finetune_record import select
+    finally:
+        sys.path.pop(0)
+    split = json.loads((SHIPPED_MODEL.parent / "shipped_split.json").read_text())
+    return select(data_dir, split["val"]["dsb2018"], 100, "fluorescence")
+
+
+def assert_counts_close(counts: dict[str, float], data_dir: Path) -> None:
+    """Predicted object counts per DSB stem vs the annotated counts: at least 75% of the images
+    within max(3, 25%) of the truth, and a median relative count error of at most 0.2."""
+    ok, rel = [], []
+    for stem, got in counts.items():
+        truth = len(np.unique(tifffile.imread(data_dir / DSB / "train" / f"{stem}_masks.tif"))) - 1
+        ok.append(abs(got - truth) <= max(3, 0.25 * truth))
+        rel.append(abs(got - truth) / max(truth, 1))
+    assert len(ok) >= 10, counts
+    assert np.mean(ok) >= 0.75 and np.median(rel) <= 0.2, (
+        f"{sum(ok)}/{len(ok)} counts within tolerance, median relative error {np.median(rel):.2f}")
 
 
 @pytest.fixture
