@@ -168,8 +168,8 @@ validation was still improving. A second warm restart (planned to 720 epochs) wa
 epoch 582, when validation had not moved (DSB 0.451 at 560), and the run was finished with
 fewer degraded samples (`--polish`: degradations on 10% instead of 50% of the images, learning
 rate 2.5e-4 then 5e-5 from epoch 631) because the network under-fit clean images: its flows were
-about 40% of their target length, so the flow-error check discarded many correct masks. Each epoch draws its samples from its own seeded
-generator, so with one thread (`--threads 1`) the same commands give the same weights; this
+about 40% of their target length, so the flow-error check discarded many correct masks. Each
+epoch draws its samples from its own seeded generator, so with one thread (`--threads 1`) the same commands give the same weights; this
 run used two threads, so a rerun agrees in its course, not bit for bit.
 
 ## Limitations
