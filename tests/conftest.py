@@ -48,14 +48,19 @@ def stems(data_dir: Path, dataset: str) -> list[str]:
 SHIPPED_MODEL = ROOT / "cpsam_toolkit" / "models" / "cpsam_small.pt"
 
 
+def _shipped_meta() -> dict:
+    """The shipped model file's metadata ({} if the file is absent)."""
+    if not SHIPPED_MODEL.exists():
+        return {}
+    import torch
+
+    return torch.load(SHIPPED_MODEL, map_location="cpu", weights_only=True).get("meta", {})
+
+
 def shipped_val_ap50() -> float | None:
     """DSB validation AP@0.5 recorded in the shipped model's metadata (None if absent): the
     accuracy checks all run on DSB nuclei, so they are gated on the DSB figure."""
-    if not SHIPPED_MODEL.exists():
-        return None
-    import torch
-
-    meta = torch.load(SHIPPED_MODEL, map_location="cpu", weights_only=True).get("meta", {})
+    meta = _shipped_meta()
     val = ((meta.get("val") or {}).get("val_ap50_groups") or {}).get("dsb2018")
     return None if val is None else float(val)
 
@@ -76,15 +81,14 @@ requires_trained_shipped_model = pytest.mark.skipif(
 
 def shipped_recommended_flow_threshold() -> float:
     """The flow threshold the shipped model's metadata recommends for nuclei (0.4 if none)."""
-    import torch
-
-    meta = torch.load(SHIPPED_MODEL, map_location="cpu", weights_only=True).get("meta", {})
+    meta = _shipped_meta()
     return float((meta.get("recommended_settings") or {}).get("flow_threshold", 0.4))
 
 
-def dsb_fluorescence_val_stems(data_dir: Path) -> list[str]:
-    """The 40 fluorescence images of the shipped model's DSB validation split (held out from its
-    training), in split order: the images of the count-vs-ground-truth checks."""
+def shipped_split_stems(data_dir: Path, part: str, kind: str, n: int = 100) -> list[str]:
+    """The first ``n`` DSB images of modality ``kind`` ("fluorescence", "brightfield") in the
+    ``part`` ("train" or "val") of the shipped model's split, in split order (the selection of
+    ``scripts/finetune_record.py``)."""
     import json
     import sys
 
@@ -94,7 +98,13 @@ def dsb_fluorescence_val_stems(data_dir: Path) -> list[str]:
     finally:
         sys.path.pop(0)
     split = json.loads((SHIPPED_MODEL.parent / "shipped_split.json").read_text())
-    return select(data_dir, split["val"]["dsb2018"], 100, "fluorescence")
+    return select(data_dir, split[part]["dsb2018"], n, kind)
+
+
+def dsb_fluorescence_val_stems(data_dir: Path) -> list[str]:
+    """The 40 fluorescence images of the shipped model's DSB validation split (held out from its
+    training): the images of the count-vs-ground-truth checks."""
+    return shipped_split_stems(data_dir, "val", "fluorescence")
 
 
 def assert_counts_close(counts: dict[str, float], data_dir: Path) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import load_pair, stems
+from conftest import load_pair, shipped_split_stems, stems
 
 from cpsam_toolkit.network import CPSAMNet, get_config
 from cpsam_toolkit.network.checkpoints import load_checkpoint
@@ -222,17 +222,6 @@ def test_cli_run_survives_sigkill_and_resumes(tmp_path, data_dir):
 # ----------------------------------------------------------------------------- shipped model
 
 
-def brightfield_pairs(data_dir: Path, ids: list[str], n: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The first ``n`` DSB brightfield images of ``ids`` (the selection of
-    ``scripts/finetune_record.py``, whose recorded longer run is in docs/finetuning.md)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    try:
-        from finetune_record import select
-    finally:
-        sys.path.pop(0)
-    return [load_pair(data_dir, DSB, s) for s in select(data_dir, ids, n)]
-
-
 def test_finetuning_the_shipped_model_improves_validation_ap(tmp_path, data_dir):
     """Fine-tuning on 8 images of one modality (DSB brightfield nuclei, 1024 x 1024, from the
     shipped model's training split) beats the starting model's AP@0.5 on the 4 brightfield
@@ -241,9 +230,9 @@ def test_finetuning_the_shipped_model_improves_validation_ap(tmp_path, data_dir)
     import cpsam_toolkit
 
     models = Path(cpsam_toolkit.__file__).parent / "models"
-    split = json.loads((models / "shipped_split.json").read_text())
-    train_pairs = brightfield_pairs(data_dir, split["train"]["dsb2018"], 8)
-    val_pairs = brightfield_pairs(data_dir, split["val"]["dsb2018"], 100)
+    train_ids = shipped_split_stems(data_dir, "train", "brightfield", 8)
+    train_pairs = [load_pair(data_dir, DSB, s) for s in train_ids]
+    val_pairs = [load_pair(data_dir, DSB, s) for s in shipped_split_stems(data_dir, "val", "brightfield")]
     assert len(train_pairs) == 8 and len(val_pairs) == 4
     net, _ = load_checkpoint(models / "cpsam_small.pt")
     rec = Recipe(name="finetune-test", lr=3e-4, epochs=20, batch_size=2, warmup_epochs=2,
