@@ -55,7 +55,10 @@ def imread(path: str | os.PathLike) -> np.ndarray:
         ) from None
     arr = np.asarray(arr)
     if arr.size == 0:
-        raise ImageReadError(f"{path}: the image is empty (shape {arr.shape})")
+        raise ImageReadError(
+            f"{path}: the image is empty (shape {arr.shape}): the file holds no pixel data, "
+            "or is truncated/corrupt; re-export it from the acquisition software"
+        )
     return arr
 
 

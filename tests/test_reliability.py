@@ -154,7 +154,7 @@ def _write_bad(kind: str, folder: Path) -> Path:
         p = folder / "corrupt.tif"
         tifffile.imwrite(p, good)
         raw = bytearray(p.read_bytes())
-        raw[8:200] = os.urandom(192)  # smash the first IFD and the start of the data
+        raw[8:200] = np.random.default_rng(7).bytes(192)  # smash the first IFD and the data start
         p.write_bytes(bytes(raw))
     elif kind == "truncated tiff":
         p = folder / "trunc.tif"
@@ -165,7 +165,7 @@ def _write_bad(kind: str, folder: Path) -> Path:
         p.write_text("plate map, not an image\n" * 10)
     elif kind == "garbage .png":
         p = folder / "garbage.png"
-        p.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(300))
+        p.write_bytes(b"\x89PNG\r\n\x1a\n" + np.random.default_rng(8).bytes(300))
     elif kind == "empty file":
         p = folder / "empty.tif"
         p.write_bytes(b"")
