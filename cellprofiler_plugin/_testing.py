@@ -5,7 +5,8 @@ CellProfiler skips files whose name starts with ``_`` when it scans the plugins 
 Two synthetic model files built from the ``tiny`` network preset:
 
 * :func:`make_random_model` — random weights (finds nothing on a blank image);
-* :func:`make_grid_model` — zero weights in the readout and a bias pattern, so that for any
+* :func:`make_grid_model` (and :func:`make_grid_panoptic_model`, the same with class maps) —
+  zero weights in the readout and a bias pattern, so that for any
   input the network predicts flows pointing to the centre of every ``patch x patch`` cell of
   the 256 x 256 tile and a positive cell probability on all but its first row and column.
   An image whose sides are multiples of 2 x patch, up to 256, therefore segments into a known
@@ -56,6 +57,25 @@ def make_grid_model(path: str | os.PathLike, seed: int = 0) -> Path:
         net.out.bias.copy_(bias.reshape(-1))  # pixel_shuffle: channel c*p*p + i*p + j
     save_checkpoint(net, path)
     return Path(path)
+
+
+def make_grid_panoptic_model(path: str | os.PathLike, classes=("a", "b", "c"), winner: int = 2,
+                             seed: int = 0) -> Path:
+    """:func:`make_grid_model` with class maps (``cpsam_toolkit.panoptic``): class number
+    ``winner`` (1..K) wins everywhere inside objects (a +1 bias over the other classes)."""
+    import torch
+
+    from cpsam_toolkit.network.checkpoints import load_checkpoint, save_checkpoint
+    from cpsam_toolkit.panoptic import make_panoptic
+
+    path = Path(path)
+    grid = make_grid_model(path.with_name(path.stem + "_plain.pt"), seed=seed)
+    net = make_panoptic(load_checkpoint(grid)[0], list(classes))
+    p2 = net.cfg.patch**2
+    with torch.no_grad():
+        net.out.bias[winner * p2 : (winner + 1) * p2] += 1.0
+    save_checkpoint(net, path)
+    return path
 
 
 def grid_patch() -> int:

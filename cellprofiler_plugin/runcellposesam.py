@@ -76,8 +76,20 @@ import time
 
 import numpy as np
 from cellprofiler_core.constants.measurement import (
+    C_CHILDREN,
+    C_COUNT,
+    C_LOCATION,
+    C_NUMBER,
+    C_PARENT,
     COLTYPE_FLOAT,
+    COLTYPE_INTEGER,
     COLTYPE_VARCHAR_FORMAT,
+    FF_CHILDREN_COUNT,
+    FF_PARENT,
+    FTR_CENTER_X,
+    FTR_CENTER_Y,
+    FTR_CENTER_Z,
+    FTR_OBJECT_NUMBER,
     IMAGE,
 )
 from cellprofiler_core.image import Image
@@ -371,7 +383,7 @@ def _per_object(objects: dict | None, field: str, old_labels: np.ndarray) -> np.
 class RunCellposeSAM(ImageSegmentation):
     category = "Object Processing"
     module_name = "RunCellposeSAM"
-    variable_revision_number = 2
+    variable_revision_number = 3
 
     # ------------------------------------------------------------------ settings
     def create_settings(self):
@@ -491,6 +503,17 @@ class RunCellposeSAM(ImageSegmentation):
             doc=f"Measure {M_MEAN_CELLPROB} (mean cell probability inside each object) and "
                 f"{M_FLOW_ERROR} (shape/flow disagreement) for quality control.",
         )
+        self.split_by_class = Binary(
+            "Save one object set per class?", False,
+            doc="Only for panoptic models (models trained with object classes, e.g. nucleus "
+                "types; plain models have none and this setting then does nothing). Besides "
+                "the objects named above, output one object set per class, named "
+                "'<objects>_<class>' (for example 'Nuclei_epithelial'), so later modules can "
+                "measure, filter, relate or export each class on its own. Each class object is "
+                "a child of the same object in the main set (Parent_/Children_ measurements). "
+                "Every object also carries the class measurements CellposeSAM_ClassNumber and "
+                "CellposeSAM_Class_<class> (0/1) either way.",
+        )
 
     def _model_dir_for_browse(self):
         try:
@@ -524,6 +547,7 @@ class RunCellposeSAM(ImageSegmentation):
             self.save_probabilities,
             self.probabilities_name,
             self.wants_confidence,
+            self.split_by_class,
         ]
 
     def visible_settings(self):
@@ -542,7 +566,7 @@ class RunCellposeSAM(ImageSegmentation):
         result += [self.save_probabilities]
         if self.save_probabilities:
             result += [self.probabilities_name]
-        result += [self.wants_confidence]
+        result += [self.wants_confidence, self.split_by_class]
         return result
 
     def upgrade_settings(self, setting_values, variable_revision_number, module_name):
@@ -550,6 +574,10 @@ class RunCellposeSAM(ImageSegmentation):
             # revision 1 had no "Measure per-object confidence?" setting; it always measured
             setting_values = list(setting_values) + ["Yes"]
             variable_revision_number = 2
+        if variable_revision_number == 2:
+            # revision 2 had no "Save one object set per class?" setting
+            setting_values = list(setting_values) + ["No"]
+            variable_revision_number = 3
         if variable_revision_number != self.variable_revision_number:
             raise ValueError(
                 f"RunCellposeSAM settings revision {variable_revision_number} is newer than this "
@@ -672,15 +700,37 @@ class RunCellposeSAM(ImageSegmentation):
             f"{C_CELLPOSESAM}_{FTR_MODEL_VERSION}_{obj}",
         ]
 
+    def _class_names(self) -> tuple[str, ...]:
+        """The model's object classes (panoptic models; read from the file's metadata)."""
+        try:
+            from cpsam_toolkit.panoptic import model_class_names
+
+            return tuple(model_class_names(self.model_spec()))
+        except Exception:  # noqa: BLE001 - no toolkit / no file: nothing to declare
+            return ()
+
     def _class_features(self) -> list[str]:
         """Per-object class features when the model has classes (cpsam_toolkit.panoptic)."""
-        try:
-            from cpsam_toolkit.panoptic import measurement_features, model_class_names
-
-            names = model_class_names(self.model_spec())
-        except Exception:  # noqa: BLE001 - no toolkit / no file: nothing to declare
+        names = self._class_names()
+        if not names:
             return []
-        return measurement_features(names) if names else []
+        from cpsam_toolkit.panoptic import measurement_features
+
+        return measurement_features(names)
+
+    def _class_objects(self) -> list[str]:
+        """Names of the per-class object sets ('Save one object set per class?')."""
+        names = self._class_names() if self.split_by_class else ()
+        if not names:
+            return []
+        from cpsam_toolkit.panoptic import class_object_names
+
+        return class_object_names(self.y_name.value, names)
+
+    def other_providers(self, group):
+        if group == "objectgroup":
+            return list(super().other_providers(group)) + self._class_objects()
+        return super().other_providers(group)
 
     def get_measurement_columns(self, pipeline, object_name=None):
         columns = list(super().get_measurement_columns(pipeline))
@@ -689,16 +739,33 @@ class RunCellposeSAM(ImageSegmentation):
         if self.wants_confidence:
             columns += [(obj, M_MEAN_CELLPROB, COLTYPE_FLOAT), (obj, M_FLOW_ERROR, COLTYPE_FLOAT)]
         columns += [(obj, f"{C_CELLPOSESAM}_{f}", COLTYPE_FLOAT) for f in self._class_features()]
+        for name in self._class_objects():
+            columns += super().get_measurement_columns(pipeline, name)
+            columns += [(obj, FF_CHILDREN_COUNT % name, COLTYPE_INTEGER),
+                        (name, FF_PARENT % obj, COLTYPE_INTEGER)]
         return columns
 
     def get_categories(self, pipeline, object_name):
+        if object_name in self._class_objects():
+            return [C_LOCATION, C_NUMBER, C_PARENT]
         categories = list(super().get_categories(pipeline, object_name))
         if object_name == IMAGE or (object_name == self.y_name.value and (
                 self.wants_confidence or self._class_features())):
             categories.append(C_CELLPOSESAM)
+        if object_name == self.y_name.value and self._class_objects():
+            categories.append(C_CHILDREN)
         return categories
 
     def get_measurements(self, pipeline, object_name, category):
+        class_objects = self._class_objects()
+        if object_name in class_objects:
+            return {C_LOCATION: [FTR_CENTER_X, FTR_CENTER_Y, FTR_CENTER_Z],
+                    C_NUMBER: [FTR_OBJECT_NUMBER],
+                    C_PARENT: [self.y_name.value]}.get(category, [])
+        if object_name == self.y_name.value and category == C_CHILDREN:
+            return [f"{name}_Count" for name in class_objects]
+        if object_name == IMAGE and category == C_COUNT:
+            return list(super().get_measurements(pipeline, object_name, category)) + class_objects
         if category == C_CELLPOSESAM:
             if object_name == IMAGE:
                 return [FTR_MODEL, FTR_MODEL_VERSION]
@@ -876,6 +943,7 @@ class RunCellposeSAM(ImageSegmentation):
             final = remove_labels(final, touching)
         segmented, old_labels = relabel_sequential(final)
 
+        class_counts = []
         objects = Objects()
         objects.segmented = segmented
         objects.unedited_segmented = unedited
@@ -910,6 +978,8 @@ class RunCellposeSAM(ImageSegmentation):
             ids = np.full(len(old_labels), np.nan) if ids is None else ids
             for f, v in measurement_values(ids, classes).items():
                 m.add_measurement(obj, f"{C_CELLPOSESAM}_{f}", v)
+            if self.split_by_class:
+                class_counts = self._add_class_objects(workspace, objects, ids, classes)
 
         if self.save_probabilities:
             prob = sigmoid(cellprob)
@@ -929,7 +999,29 @@ class RunCellposeSAM(ImageSegmentation):
                 ["Model", model_name],
                 ["Device", str(getattr(model, "device", self.device.value))],
                 ["Segmentation time", f"{elapsed:.2f} s"],
+                *class_counts,
             ]
+
+    def _add_class_objects(self, workspace, objects, class_ids, classes) -> list[list[str]]:
+        """Add one object set per class (children of ``objects``) with their measurements;
+        returns ``[name, count]`` rows for the display."""
+        from cpsam_toolkit.panoptic import class_object_names, split_by_class
+
+        obj = self.y_name.value
+        m = workspace.measurements
+        rows = []
+        names = class_object_names(obj, classes)
+        for name, labels in zip(names, split_by_class(objects.segmented, class_ids, len(classes))):
+            child = Objects()
+            child.segmented = labels
+            child.parent_image = objects.parent_image
+            workspace.object_set.add_objects(child, name)
+            self.add_measurements(workspace, name)
+            children_per_parent, parents = objects.relate_children(child)
+            m.add_measurement(obj, FF_CHILDREN_COUNT % name, np.asarray(children_per_parent))
+            m.add_measurement(name, FF_PARENT % obj, np.asarray(parents))
+            rows.append([f"{name} objects", str(int(labels.max(initial=0)))])
+        return rows
 
     @staticmethod
     def _mean_probability(labels, cellprob, known):

@@ -63,6 +63,7 @@ __all__ = [
     "assign_classes",
     "augment_with_classes",
     "class_lut",
+    "class_object_names",
     "class_target",
     "class_weights",
     "evaluate_panoptic",
@@ -77,6 +78,7 @@ __all__ = [
     "read_classes",
     "save_classes_json",
     "segment_panoptic",
+    "split_by_class",
     "train_panoptic",
 ]
 
@@ -781,6 +783,44 @@ def measurement_values(class_ids: np.ndarray, class_names: Sequence[str]) -> dic
     out = {feats[0]: np.where(known, ids, np.nan)}
     for k, f in enumerate(feats[1:], start=1):
         out[f] = np.where(known, (ids == k).astype(np.float64), np.nan)
+    return out
+
+
+def class_object_names(objects_name: str, class_names: Sequence[str]) -> list[str]:
+    """Names of the per-class object sets: ``<objects>_<class>`` (e.g. ``Nuclei_epithelial``),
+    class names reduced to letters, digits and ``_`` as in :func:`measurement_features`."""
+    return [f"{objects_name}_{f[len('Class_'):]}" for f in measurement_features(class_names)[1:]]
+
+
+def split_by_class(labels: np.ndarray, class_ids: np.ndarray, n_classes: int) -> list[np.ndarray]:
+    """One label image per class from an object label image and its objects' classes.
+
+    Parameters
+    ----------
+    labels : (Y, X) or (Z, Y, X) int array
+        Objects 1..N (0 = background).
+    class_ids : (N,) array
+        Class number 1..K of object ``i + 1``; 0 or NaN where unknown (such objects go in no set).
+    n_classes : int
+        K.
+
+    Returns
+    -------
+    list of K int32 arrays shaped like ``labels``: class ``k``'s objects renumbered 1..n_k in the
+    order of their labels in ``labels``.
+    """
+    lab = np.asarray(labels)
+    ids = np.asarray(class_ids, dtype=np.float64).ravel()
+    n = int(lab.max(initial=0))
+    if ids.size != n:
+        raise ValueError(f"split_by_class: {ids.size} class ids for {n} objects (labels 1..{n})")
+    ids = np.where(np.isfinite(ids), ids, 0).astype(np.int64)
+    out = []
+    for k in range(1, int(n_classes) + 1):
+        lut = np.zeros(n + 1, np.int32)
+        members = np.flatnonzero(ids == k) + 1
+        lut[members] = np.arange(1, members.size + 1, dtype=np.int32)
+        out.append(lut[lab])
     return out
 
 

@@ -59,15 +59,15 @@ def split(data: Path = DATA) -> tuple[dict, dict]:
     return tr, va
 
 
-def recipe(epochs: int):
+def recipe(epochs: int, lr: float = 3e-4, val_every: int = 8):
     from cpsam_toolkit.training import AugmentConfig, Recipe
 
     # the paper's semantic setup is lr 5e-5, batch 16, 500 epochs, weight decay 0.1, layer drop
     # 0.4 and the fine-tuning augmentations; shortened here for ~35 min on 2 shared CPU cores
     return Recipe(
-        name="panoptic_consep", lr=3e-4, epochs=epochs, batch_size=4, weight_decay=0.1,
+        name="panoptic_consep", lr=lr, epochs=epochs, batch_size=4, weight_decay=0.1,
         layer_drop=0.1, warmup_epochs=2, schedule="steps", steps=((0.8, 0.25),),
-        nimg_per_epoch=32, min_nimg_per_epoch=8, min_masks=1, grad_clip=1.0, val_every=8,
+        nimg_per_epoch=32, min_nimg_per_epoch=8, min_masks=1, grad_clip=1.0, val_every=val_every,
         augment=AugmentConfig.spatial_only((0.75, 1.25), "uniform"),
     )
 
@@ -103,7 +103,8 @@ def cmd_train(args) -> int:
         timer.start()
     t0 = time.time()
     res = train_panoptic(
-        net, tr, va, recipe=recipe(args.epochs), out=args.run / "panoptic_best_fp32.pt",
+        net, tr, va, recipe=recipe(args.epochs, args.lr, args.val_every),
+        out=args.run / "panoptic_best_fp32.pt",
         run_dir=args.run, resume=args.resume, seed=SEED, device="cpu", stop_event=stop,
         meta={"start_model": desc, "val_tiles": list(VAL_TILES), "data": str(args.data)},
     )
@@ -233,6 +234,8 @@ def main(argv=None) -> int:
                     help="starting weights (default: the shipped cpsam_small.pt if present; "
                          "'none': random 'small' preset)")
     ap.add_argument("--epochs", type=int, default=32, help="epochs of 32 images")
+    ap.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    ap.add_argument("--val-every", type=int, default=8, help="validate every N epochs")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this long")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--threads", type=int, default=1)

@@ -269,6 +269,33 @@ def test_shipped_model_exported_counts_close_to_ground_truth(cli, work, data_dir
     assert_counts_close({s: rows[f"{s}.tif"] for s in stems}, data_dir)
 
 
+def test_panoptic_model_split_by_class_exports_class_objects(cli, work, tmp_path):
+    """A panoptic model with 'Save one object set per class?': the real CLI exports the class
+    object sets (counts, parents) next to the main objects."""
+    model = _testing.make_grid_panoptic_model(tmp_path / "pan.pt", winner=2)  # class "b" wins
+    pipeline = build_pipeline(tmp_path / "pan.cppipe", model, split_by_class=True)
+    out = tmp_path / "out"
+    headless(cli, pipeline, out, work, "-i", work / "images")
+    images = read_csv(out / f"{PREFIX}Image.csv")
+    nuclei = read_csv(out / f"{PREFIX}Nuclei.csv")
+    class_b = read_csv(out / f"{PREFIX}Nuclei_b.csv")
+    assert len(images) == len(DSB_STEMS)
+    n = _testing.expected_grid((256, 256), remove_border=True)[0]
+    for r in images:
+        assert float(r["Count_Nuclei"]) == float(r["Count_Nuclei_b"]) == n
+        assert float(r["Count_Nuclei_a"]) == float(r["Count_Nuclei_c"]) == 0
+    assert len(class_b) == len(nuclei) == n * len(DSB_STEMS)
+    assert all(float(o["CellposeSAM_ClassNumber"]) == 2 and float(o["CellposeSAM_Class_b"]) == 1
+               and float(o["Children_Nuclei_b_Count"]) == 1 for o in nuclei)
+    # each class object is its parent: same number, same centre
+    for o in class_b:
+        assert int(o["Parent_Nuclei"]) == int(o["ObjectNumber"])
+    by_key = {(o["ImageNumber"], o["ObjectNumber"]): o for o in nuclei}
+    for o in class_b:
+        parent = by_key[(o["ImageNumber"], o["Parent_Nuclei"])]
+        assert float(o["Location_Center_X"]) == pytest.approx(float(parent["Location_Center_X"]))
+
+
 def test_cli_help_lists_plugin_flag(cli):
     proc, log = run_cli(cli, ["--help"], ROOT)
     assert proc.returncode == 0 and "--plugins-directory" in proc.stdout, log

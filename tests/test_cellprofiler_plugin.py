@@ -546,7 +546,7 @@ def _non_default_module(tmp_path):
         "model_file_name": "my model.pt", "device": rcs.DEVICE_GPU, "batch_size": 3,
         "flow_threshold": 0.7, "cellprob_threshold": -1.5, "min_size": 40,
         "remove_border": False, "do_3d": True, "anisotropy": 2.5, "save_probabilities": True,
-        "probabilities_name": "NucProb", "wants_confidence": False,
+        "probabilities_name": "NucProb", "wants_confidence": False, "split_by_class": True,
     }
     for name, value in values.items():
         getattr(module, name).value = value
@@ -578,25 +578,31 @@ def test_settings_round_trip(tmp_path):
     pipeline = Pipeline()
     pipeline.add_module(module)
     text = _dump(pipeline)
-    assert "RunCellposeSAM:[" in text and "variable_revision_number:2" in text
+    assert "RunCellposeSAM:[" in text and "variable_revision_number:3" in text
     loaded = _load(text).modules()[0]
     assert isinstance(loaded, rcs.RunCellposeSAM)
     assert [s.value_text for s in loaded.settings()] == [s.value_text for s in module.settings()]
     assert loaded.model_spec() == str(tmp_path / "my model.pt")
 
 
-def test_upgrade_from_revision_1(tmp_path):
+# settings each old revision lacks (added at the end, with the value an upgrade gives them)
+_ADDED_AFTER = {1: ["Measure per-object confidence?", "Save one object set per class?"],
+                2: ["Save one object set per class?"]}
+
+
+@pytest.mark.parametrize("revision", [1, 2])
+def test_upgrade_from_older_revisions(tmp_path, revision):
     module = _non_default_module(tmp_path)
-    module.wants_confidence.value = True
+    module.wants_confidence.value = True  # what revision 1 always did
+    module.split_by_class.value = False  # what revisions 1 and 2 did
     pipeline = Pipeline()
     pipeline.add_module(module)
     text = _dump(pipeline)
-    # a revision-1 module: same settings but no "Measure per-object confidence?" line
-    rev1 = text.replace("variable_revision_number:2", "variable_revision_number:1")
-    lines = [ln for ln in rev1.splitlines() if "Measure per-object confidence?" not in ln]
-    assert len(lines) == len(rev1.splitlines()) - 1
+    old = text.replace("variable_revision_number:3", f"variable_revision_number:{revision}")
+    lines = [ln for ln in old.splitlines() if not any(t in ln for t in _ADDED_AFTER[revision])]
+    assert len(lines) == len(old.splitlines()) - len(_ADDED_AFTER[revision])
     loaded = _load("\n".join(lines) + "\n").modules()[0]
-    assert loaded.wants_confidence.value is True
+    assert loaded.wants_confidence.value is True and loaded.split_by_class.value is False
     assert [s.value_text for s in loaded.settings()] == [s.value_text for s in module.settings()]
 
     with pytest.raises(ValueError, match="newer than this plugin"):

@@ -196,6 +196,26 @@ def test_majority_vote_and_background_removal():
     assert ids0.size == 0 and r0 == 0 and not empty.any()
 
 
+def test_split_by_class_keeps_label_order_and_drops_unknown():
+    lab = np.zeros((2, 6, 6), np.uint16)  # 3D: objects may span planes
+    lab[:, 0:2, 0:2] = 1
+    lab[0, 4:6, 0:2] = 2
+    lab[1, 0:2, 4:6] = 3
+    lab[:, 4:6, 4:6] = 4
+    lab[0, 3, 3] = 5
+    ids = np.array([2, 1, 2, np.nan, 0])  # object 4 unknown (NaN), 5 unknown (0)
+    a, b, c = P.split_by_class(lab, ids, 3)
+    assert a.dtype == np.int32 and a.shape == lab.shape
+    np.testing.assert_array_equal(a, np.where(lab == 2, 1, 0))
+    np.testing.assert_array_equal(b, np.select([lab == 1, lab == 3], [1, 2], 0))
+    assert not c.any()  # a class with no objects gives an empty set
+    assert not ((a > 0) | (b > 0))[np.isin(lab, [4, 5])].any()
+    with pytest.raises(ValueError, match="2 class ids for 5 objects"):
+        P.split_by_class(lab, ids[:2], 3)
+    assert P.class_object_names("Nuclei", ["epithelial", "spindle shaped"]) == [
+        "Nuclei_epithelial", "Nuclei_spindle_shaped"]
+
+
 def test_panoptic_result_from_maps_and_json_roundtrip(tmp_path):
     from cpsam_toolkit.flows import masks_to_flows
 
@@ -293,21 +313,14 @@ def test_few_steps_lower_the_class_loss(tmp_path):
 
 
 def _grid_panoptic_model(path: Path, winner: int = 2) -> Path:
-    """The CellProfiler tests' exact grid model with class maps; class ``winner`` wins everywhere
-    inside objects (a +1 bias over the other classes)."""
+    """The CellProfiler tests' exact grid model with class maps a, b, c (``winner`` wins)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
         "_cp_testing", Path(__file__).resolve().parents[1] / "cellprofiler_plugin" / "_testing.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    grid = mod.make_grid_model(path.with_name("grid_plain.pt"))
-    net = P.make_panoptic(load_checkpoint(grid)[0], ["a", "b", "c"])
-    p2 = net.cfg.patch**2
-    with torch.no_grad():
-        net.out.bias[winner * p2 : (winner + 1) * p2] += 1.0
-    save_checkpoint(net, path)
-    return path
+    return mod.make_grid_panoptic_model(path, winner=winner)
 
 
 def test_cli_segment_writes_classes_json(tmp_path):
@@ -340,7 +353,8 @@ def test_cli_segment_writes_classes_json(tmp_path):
     assert '"b"' in report.read_text() and "class_mean_per_image" in report.read_text()
 
 
-def test_cellprofiler_module_adds_class_measurements(tmp_path):
+@pytest.mark.parametrize("split", [False, True], ids=["measurements", "split by class"])
+def test_cellprofiler_module_adds_class_measurements(tmp_path, split):
     pytest.importorskip("cellprofiler_core")
     import sys
 
@@ -370,6 +384,7 @@ def test_cellprofiler_module_adds_class_measurements(tmp_path):
         rcs.ABSOLUTE_FOLDER_NAME, str(model.parent))
     module.model_file_name.value = model.name
     module.device.value = rcs.DEVICE_CPU
+    module.split_by_class.value = split
     pipeline = Pipeline()
     pipeline.add_module(module)
     m = Measurements()
@@ -377,8 +392,7 @@ def test_cellprofiler_module_adds_class_measurements(tmp_path):
     ws = Workspace(pipeline, module, m, ObjectSet(), m, None)
     module.run(ws)
     declared = {(o, f) for o, f, *_ in module.get_measurement_columns(pipeline)}
-    produced = {(IMAGE, f) for f in m.get_feature_names(IMAGE)} | {
-        ("Nuclei", f) for f in m.get_feature_names("Nuclei")}
+    produced = {(o, f) for o in m.get_object_names() for f in m.get_feature_names(o)}
     assert declared == produced
     feats = ["CellposeSAM_ClassNumber", "CellposeSAM_Class_a", "CellposeSAM_Class_b", "CellposeSAM_Class_c"]
     assert {("Nuclei", f) for f in feats} <= declared
@@ -388,3 +402,31 @@ def test_cellprofiler_module_adds_class_measurements(tmp_path):
     np.testing.assert_array_equal(m.get_current_measurement("Nuclei", feats[0]), np.full(n, 3.0))
     np.testing.assert_array_equal(m.get_current_measurement("Nuclei", feats[3]), np.ones(n))
     np.testing.assert_array_equal(m.get_current_measurement("Nuclei", feats[1]), np.zeros(n))
+    if not split:
+        assert module.other_providers("objectgroup") == []
+        assert not any(ws.object_set.get_object_names().count(f"Nuclei_{c}") for c in "abc")
+        return
+    # one object set per class, children of Nuclei; class c has every object, a and b none
+    names = ["Nuclei_a", "Nuclei_b", "Nuclei_c"]
+    assert module.other_providers("objectgroup") == names
+    assert set(names) <= set(ws.object_set.get_object_names())
+    np.testing.assert_array_equal(ws.object_set.get_objects("Nuclei_c").segmented,
+                                  ws.object_set.get_objects("Nuclei").segmented)
+    assert not ws.object_set.get_objects("Nuclei_a").segmented.any()
+    assert m.get_current_measurement(IMAGE, "Count_Nuclei_c") == n
+    assert m.get_current_measurement(IMAGE, "Count_Nuclei_a") == 0
+    np.testing.assert_array_equal(m.get_current_measurement("Nuclei_c", "Parent_Nuclei"),
+                                  np.arange(1, n + 1))
+    np.testing.assert_array_equal(m.get_current_measurement("Nuclei", "Children_Nuclei_c_Count"),
+                                  np.ones(n))
+    np.testing.assert_array_equal(m.get_current_measurement("Nuclei", "Children_Nuclei_b_Count"),
+                                  np.zeros(n))
+    assert "Nuclei_b" in module.get_measurements(pipeline, IMAGE, "Count")
+    assert module.get_measurements(pipeline, "Nuclei_a", "Parent") == ["Nuclei"]
+    assert "Nuclei_c_Count" in module.get_measurements(pipeline, "Nuclei", "Children")
+    # a later module can pick the class objects (CellProfiler asks other_providers)
+    measure = instantiate_module("MeasureObjectSizeShape")
+    measure.set_module_num(2)
+    pipeline.add_module(measure)
+    sub = measure.objects_list
+    assert set(names) <= {c[0] for c in sub.get_choices(pipeline)}  # (name, module, num, ...)
