@@ -469,6 +469,15 @@ class RunCellposeSAM(ImageSegmentation):
                 "0 means probability 0.5). Decrease it to find more and larger objects, "
                 "increase it for fewer and smaller ones.",
         )
+        self.diameter = Float(
+            "Typical object diameter (pixels)", 0.0,
+            doc="0 (the default) segments the image as it is: Cellpose-SAM handles a wide range "
+                "of sizes. A value resizes the image so objects are about 30 pixels across "
+                "before segmenting (masks come back at the original size). Use it for a model "
+                "trained at one size, e.g. 15 for the panoptic H&E model shipped with "
+                "cpsam-toolkit (its model card says so), or for objects far smaller or larger "
+                "than about 10 to 100 pixels.",
+        )
         self.min_size = Integer(
             "Minimum object size (pixels)", 15,
             doc="Objects smaller than this many pixels (voxels in 3D) are discarded. 0 keeps "
@@ -548,6 +557,7 @@ class RunCellposeSAM(ImageSegmentation):
             self.probabilities_name,
             self.wants_confidence,
             self.split_by_class,
+            self.diameter,
         ]
 
     def visible_settings(self):
@@ -560,7 +570,7 @@ class RunCellposeSAM(ImageSegmentation):
         if self.model_choice == MODEL_CUSTOM:
             result += [self.model_directory, self.model_file_name]
         result += [self.device, self.batch_size, self.flow_threshold, self.cellprob_threshold,
-                   self.min_size, self.remove_border, self.do_3d]
+                   self.diameter, self.min_size, self.remove_border, self.do_3d]
         if self.do_3d:
             result += [self.anisotropy]
         result += [self.save_probabilities]
@@ -575,8 +585,8 @@ class RunCellposeSAM(ImageSegmentation):
             setting_values = list(setting_values) + ["Yes"]
             variable_revision_number = 2
         if variable_revision_number == 2:
-            # revision 2 had no "Save one object set per class?" setting
-            setting_values = list(setting_values) + ["No"]
+            # revision 2 had no "Save one object set per class?" and no diameter setting
+            setting_values = list(setting_values) + ["No", "0.0"]
             variable_revision_number = 3
         if variable_revision_number != self.variable_revision_number:
             raise ValueError(
@@ -622,6 +632,10 @@ class RunCellposeSAM(ImageSegmentation):
                 f"The cell probability threshold must be between {lo:g} and {hi:g} (0 is usual; "
                 f"lower finds more and larger objects); it is {self.cellprob_threshold.value:g}.",
                 self.cellprob_threshold))
+        if not (self.diameter.value >= 0 and np.isfinite(self.diameter.value)):
+            problems.append((
+                "The typical object diameter must be 0 (no resizing) or a positive number of "
+                f"pixels; it is {self.diameter.value:g}.", self.diameter))
         if self.min_size.value < 0:
             problems.append((
                 "The minimum object size cannot be negative (use 0 to keep every object).",
@@ -835,6 +849,8 @@ class RunCellposeSAM(ImageSegmentation):
             cellprob_threshold=float(self.cellprob_threshold.value),
             min_size=0,  # size filtering is done here, to keep the unfiltered objects
         )
+        if self.diameter.value > 0:
+            kwargs["diameter"] = float(self.diameter.value)
         bs = int(self.batch_size.value)
         if volumetric and self.do_3d:
             try:

@@ -259,6 +259,12 @@ def cmd_export(args) -> int:
     ev_path = args.run / "eval.json"
     if ev_path.exists():
         meta["val_panoptic"] = json.loads(ev_path.read_text())["all"]
+    up = float(meta.get("train_upscale") or 1.0)
+    if up != 1.0:  # trained on zoomed patches: segment with the matching diameter (logged, not applied)
+        meta["recommended_settings"] = {"diameter": round(30.0 / up, 3)}
+        meta["recommended_settings_note"] = (
+            f"trained on CoNSeP patches zoomed x{up:g}: segment H&E at 40x (~0.25 um/px) with "
+            f"diameter={30.0 / up:g} so nuclei reach the size the network learned")
     meta.update({"name": "cpsam_panoptic_consep", "licence": "BSD-3-Clause (weights); data Apache-2.0 "
                  "(CoNSeP, Graham et al. 2019)", "card": "PANOPTIC_MODEL_CARD.md"})
     save_checkpoint(net, args.dest, meta, half=True)

@@ -227,6 +227,22 @@ def test_objects_counts_centres(model_files, data_dir):
         assert np.all(p > 0.99)
 
 
+@pytest.mark.skipif(MODEL != "grid", reason="exact counts need the grid model")
+def test_diameter_resizes_before_segmenting(model_files):
+    """Diameter 60 halves the image for the network (objects ~30 px): the grid model then finds
+    the 64 x 64 grid, and the masks come back at the input's size."""
+    img = np.random.default_rng(0).random((128, 128)).astype(np.float32)
+    counts = {}
+    for d in (0.0, 60.0):
+        module = configure(new_module(), "grid", model_files, min_size=0, remove_border=False,
+                           diameter=d)
+        seg = run_module(module, {"DNA": img}).object_set.get_objects("Nuclei").segmented
+        assert seg.shape == img.shape
+        counts[d] = int(seg.max())
+    assert counts[0.0] == _testing.expected_grid((128, 128), remove_border=False)[0]
+    assert counts[60.0] == _testing.expected_grid((64, 64), remove_border=False)[0]
+
+
 @pytest.mark.skipif(MODEL != "grid", reason="exact filter counts need the grid model")
 def test_size_and_border_filters_grid(model_files):
     img = np.random.default_rng(0).random((SIZE, SIZE)).astype(np.float32)
@@ -507,6 +523,8 @@ def test_validate_module_messages(tmp_path, model_files):
     assert "flow threshold" in msg.lower()
     msg = _validation_message(configure(new_module(), "grid", model_files, min_size=-2))
     assert "cannot be negative" in msg
+    msg = _validation_message(configure(new_module(), "grid", model_files, diameter=-5.0))
+    assert "diameter" in msg and "0 (no resizing)" in msg
 
     dup = configure(new_module(), "grid", model_files, use_channel2=True)
     dup.channel2_name.value = "DNA"
@@ -547,6 +565,7 @@ def _non_default_module(tmp_path):
         "flow_threshold": 0.7, "cellprob_threshold": -1.5, "min_size": 40,
         "remove_border": False, "do_3d": True, "anisotropy": 2.5, "save_probabilities": True,
         "probabilities_name": "NucProb", "wants_confidence": False, "split_by_class": True,
+        "diameter": 17.5,
     }
     for name, value in values.items():
         getattr(module, name).value = value
@@ -586,8 +605,9 @@ def test_settings_round_trip(tmp_path):
 
 
 # settings each old revision lacks (added at the end, with the value an upgrade gives them)
-_ADDED_AFTER = {1: ["Measure per-object confidence?", "Save one object set per class?"],
-                2: ["Save one object set per class?"]}
+_ADDED_AFTER = {1: ["Measure per-object confidence?", "Save one object set per class?",
+                    "Typical object diameter"],
+                2: ["Save one object set per class?", "Typical object diameter"]}
 
 
 @pytest.mark.parametrize("revision", [1, 2])
@@ -595,6 +615,7 @@ def test_upgrade_from_older_revisions(tmp_path, revision):
     module = _non_default_module(tmp_path)
     module.wants_confidence.value = True  # what revision 1 always did
     module.split_by_class.value = False  # what revisions 1 and 2 did
+    module.diameter.value = 0.0  # no resizing, as revisions 1 and 2 did
     pipeline = Pipeline()
     pipeline.add_module(module)
     text = _dump(pipeline)
@@ -603,6 +624,7 @@ def test_upgrade_from_older_revisions(tmp_path, revision):
     assert len(lines) == len(old.splitlines()) - len(_ADDED_AFTER[revision])
     loaded = _load("\n".join(lines) + "\n").modules()[0]
     assert loaded.wants_confidence.value is True and loaded.split_by_class.value is False
+    assert loaded.diameter.value == 0.0
     assert [s.value_text for s in loaded.settings()] == [s.value_text for s in module.settings()]
 
     with pytest.raises(ValueError, match="newer than this plugin"):
