@@ -474,8 +474,8 @@ class RunCellposeSAM(ImageSegmentation):
             doc="0 (the default) segments the image as it is: Cellpose-SAM handles a wide range "
                 "of sizes. A value resizes the image so objects are about 30 pixels across "
                 "before segmenting (masks come back at the original size). Use it for a model "
-                "trained at one size, e.g. 15 for the panoptic H&E model shipped with "
-                "cpsam-toolkit (its model card says so), or for objects far smaller or larger "
+                "trained at one size (its model card says so; e.g. 15 for a panoptic H&E "
+                "model trained on 2x zoomed CoNSeP patches), or for objects far smaller or larger "
                 "than about 10 to 100 pixels.",
         )
         self.min_size = Integer(

@@ -141,7 +141,7 @@ def cmd_train(args) -> int:
     res = train_panoptic(
         net, tr, va, recipe=recipe(args.epochs, args.lr, args.val_every),
         out=args.run / "panoptic_best_fp32.pt",
-        run_dir=args.run, resume=args.resume, seed=SEED, device="cpu", stop_event=stop,
+        run_dir=args.run, resume=args.resume, seed=SEED, device=args.device, stop_event=stop,
         meta={"start_model": desc, "val_tiles": list(VAL_TILES), "data": str(args.data),
               "train_upscale": args.upscale},
     )
@@ -154,14 +154,15 @@ def cmd_train(args) -> int:
     return 0
 
 
-def evaluate(model_path: Path, data: Path = DATA, prior: bool = True, **settings) -> dict:
+def evaluate(model_path: Path, data: Path = DATA, prior: bool = True, device: str = "cpu",
+             **settings) -> dict:
     """Per-class metrics of a panoptic model on the validation tiles (default segmentation
     settings unless ``settings``, e.g. ``flow_threshold=0``, are given)."""
     import cpsam_toolkit as cp
     from cpsam_toolkit.io import imread
     from cpsam_toolkit.panoptic import assign_classes, evaluate_panoptic, read_classes
 
-    model = cp.load_model(model_path, device="cpu")
+    model = cp.load_model(model_path, device=device)
     _, va = split(data)
     pairs = [p for t in sorted(va) for p in va[t]]
     gt, gcl, pm, pcl, tiles = [], [], [], [], []
@@ -241,7 +242,7 @@ def cmd_evaluate(args) -> int:
     settings = {} if args.flow_threshold is None else {"flow_threshold": args.flow_threshold}
     if args.diameter is not None:
         settings["diameter"] = args.diameter
-    ev = evaluate(path, args.data, **settings)
+    ev = evaluate(path, args.data, device=args.device, **settings)
     name = "eval.json" if args.flow_threshold is None else f"eval_flow{args.flow_threshold:g}.json"
     if args.diameter is not None:
         name = name.replace(".json", f"_diam{args.diameter:g}.json")
@@ -291,6 +292,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this long")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="train/evaluate on this device (cpu, cuda, ...)")
     ap.add_argument("--model", default=None, help="evaluate/export this file (default: <run>/last.pt)")
     ap.add_argument("--dest", type=Path, default=EXPORT, help="export: the file to write")
     ap.add_argument("--flow-threshold", type=float, default=None,
