@@ -765,13 +765,18 @@ def save_classes_json(path: str | os.PathLike, result: PanopticResult) -> Path:
     return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def _measurement_name(class_name: str) -> str:
+    """A class name reduced to letters, digits and ``_`` (CellProfiler measurement/object names)."""
+    import re
+
+    return re.sub(r"[^0-9A-Za-z_]", "_", class_name)
+
+
 def measurement_features(class_names: Sequence[str]) -> list[str]:
     """Per-object feature names for the classes (used by the CellProfiler module, after its
     ``CellposeSAM_`` category): ``ClassNumber`` (1..K) and one 0/1 ``Class_<name>`` per class
     (names reduced to letters, digits and ``_``)."""
-    import re
-
-    return ["ClassNumber", *[f"Class_{re.sub(r'[^0-9A-Za-z_]', '_', n)}" for n in class_names]]
+    return ["ClassNumber", *[f"Class_{_measurement_name(n)}" for n in class_names]]
 
 
 def measurement_values(class_ids: np.ndarray, class_names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -789,7 +794,7 @@ def measurement_values(class_ids: np.ndarray, class_names: Sequence[str]) -> dic
 def class_object_names(objects_name: str, class_names: Sequence[str]) -> list[str]:
     """Names of the per-class object sets: ``<objects>_<class>`` (e.g. ``Nuclei_epithelial``),
     class names reduced to letters, digits and ``_`` as in :func:`measurement_features`."""
-    return [f"{objects_name}_{f[len('Class_'):]}" for f in measurement_features(class_names)[1:]]
+    return [f"{objects_name}_{_measurement_name(n)}" for n in class_names]
 
 
 def split_by_class(labels: np.ndarray, class_ids: np.ndarray, n_classes: int) -> list[np.ndarray]:
