@@ -30,6 +30,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "cpsam_toolkit" / "models"
 SPLIT = MODELS / "shipped_split.json"
+#: split v2 (session 6): the complete training sets (Usiigaci 45, CoNSeP 432). It keeps every v1
+#: validation image as validation (so the v1 model never saw any of them either) and adds
+#: images the v1 model never saw: 4 more Usiigaci sets and one more whole CoNSeP tile.
+SPLIT_V2 = MODELS / "shipped_split_v2.json"
 DATASETS = {
     "dsb2018": "dsb2018_stage1_train_fixed",
     "usiigaci": "usiigaci_phase_contrast_cells",
@@ -76,6 +80,42 @@ def make_split(data: Path, seed: int = SEED) -> dict:
     split["val"]["consep"] = [s for s in cs if s.split("_")[1] == tile]
     split["train"]["consep"] = [s for s in cs if s.split("_")[1] != tile]
     split["consep_val_tile"] = tile
+    return split
+
+
+def make_split_v2(data: Path, v1: dict, seed: int = SEED + 1) -> dict:
+    """Extend the v1 split to the complete sets: v1 validation stays validation; new images
+    (never seen by the v1 model) give 4 more Usiigaci validation images and one more CoNSeP tile."""
+    rng = np.random.default_rng(seed)
+    split: dict = {"seed": seed, "version": 2, "data_root": "shared/data", "extends": SPLIT.name,
+                   "train": {}, "val": {}}
+    seen = {g: set(v1["train"][g]) | set(v1["val"][g]) for g in DATASETS}
+    split["val"]["dsb2018"] = list(v1["val"]["dsb2018"])
+    split["train"]["dsb2018"] = [s for s in stems(data / DATASETS["dsb2018"] / "train")
+                                 if s not in set(v1["val"]["dsb2018"])]
+    us = stems(data / DATASETS["usiigaci"] / "train")
+    new = [s for s in us if s not in seen["usiigaci"]]
+    val = sorted(v1["val"]["usiigaci"] + rng.choice(new, size=4, replace=False).tolist())
+    split["val"]["usiigaci"] = val
+    split["train"]["usiigaci"] = [s for s in us if s not in set(val)]
+    cs = stems(data / DATASETS["consep"] / "train")
+    old_tiles = {s.split("_")[1] for s in seen["consep"]}
+    new_tiles = sorted({s.split("_")[1] for s in cs} - old_tiles, key=int)
+    tiles = {v1["consep_val_tile"], str(rng.choice(new_tiles))}
+    split["val"]["consep"] = [s for s in cs if s.split("_")[1] in tiles]
+    split["train"]["consep"] = [s for s in cs if s.split("_")[1] not in tiles]
+    split["consep_val_tiles"] = sorted(tiles, key=int)
+    return split
+
+
+def load_split_v2(data: Path) -> dict:
+    split = make_split_v2(data, json.loads(SPLIT.read_text()))
+    if SPLIT_V2.exists():
+        old = json.loads(SPLIT_V2.read_text())
+        if old["val"] != split["val"]:
+            sys.exit(f"{SPLIT_V2} differs from the split this script makes from {data}; refusing to mix")
+    else:
+        SPLIT_V2.write_text(json.dumps(split, indent=1) + "\n")
     return split
 
 
@@ -287,6 +327,11 @@ def main(argv=None) -> int:
     ap.add_argument("--polish", action="store_true",
                     help=f"degradations (noise, blur, downsampling) on {POLISH_DEGRADE_P * 100:.0f}%% of the images "
                          "instead of 50%%, for a last low learning-rate stage (saved in the run state)")
+    ap.add_argument("--split", choices=("v1", "v2"), default="v1",
+                    help="v2: the complete training sets (shipped_split_v2.json; v1 validation kept)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from this checkpoint's weights (e.g. the shipped cpsam_small.pt) "
+                         "instead of from scratch; ignored on --resume")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--export", action="store_true", help="only export the best checkpoint to the package")
@@ -299,9 +344,15 @@ def main(argv=None) -> int:
     from cpsam_toolkit.training import train
 
     torch.set_num_threads(args.threads)
-    split = load_split(args.data)
+    split = load_split_v2(args.data) if args.split == "v2" else load_split(args.data)
+    split_file = SPLIT_V2 if args.split == "v2" else SPLIT
     torch.manual_seed(SEED)
     net = CPSAMNet(get_config("small").replace(**CONFIG))
+    if args.init is not None and not args.resume:
+        from cpsam_toolkit.network.checkpoints import load_checkpoint
+
+        init, _ = load_checkpoint(args.init)
+        net.load_state_dict(init.state_dict())
     stop = threading.Event()
 
     def after_epoch(row: dict) -> None:
@@ -322,7 +373,8 @@ def main(argv=None) -> int:
         recipe="shipped", out=args.run / "cpsam_small_fp32.pt", run_dir=args.run, resume=args.resume,
         epochs=args.epochs, lr=args.lr, val_every=args.val_every, augment=augment, seed=SEED,
         device=args.device, mix=MIX,
-        meta={"split": "cpsam_toolkit/models/shipped_split.json", "mix": MIX},
+        meta={"split": f"cpsam_toolkit/models/{split_file.name}", "mix": MIX,
+              **({"init": str(args.init)} if args.init is not None else {})},
         callback=after_epoch, stop_event=stop,
     )
     print(res.report())
