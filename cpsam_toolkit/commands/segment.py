@@ -66,8 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     g = p.add_argument_group("model")
     g.add_argument("--model", "-m", default=None, metavar="NAME|PATH",
-                   help="registry name (see `cpsam models`) or weights file; default: cpsam_v2 or "
-                        "cpsam if present locally, else the shipped small model")
+                   help="registry name (see `cpsam models`) or weights file; default: cpsam_v2 "
+                        "(downloaded once), else offline the shipped small model")
     g.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
     g.add_argument("--dtype", default=None, help="auto (default: bf16 on CUDA, fp32 elsewhere), fp32, bf16")
     g.add_argument("--batch-size", type=_positive_int, default=8, help="tiles per network call (8)")
