@@ -76,6 +76,7 @@ class OutputOptions:
     rois: bool = False  # _rois.zip (ImageJ)
     table: bool = False  # _objects.csv
     summary: bool = False  # per-image statistics in the manifest (for summary.csv)
+    npy: bool = False  # _seg.npy for the cellpose GUI (cpsam_toolkit.cellpose_files)
 
     def kinds(self) -> list[str]:
         k = ["masks"]
@@ -87,6 +88,8 @@ class OutputOptions:
             k.append("rois")
         if self.table:
             k.append("table")
+        if self.npy:
+            k.append("npy")
         return k
 
 
@@ -336,6 +339,13 @@ def write_outputs(
             written.append(p)
         else:  # no objects: no zip, and no stale one from an earlier run
             out.output_path(out_dir, job.stem, "rois").unlink(missing_ok=True)
+    if o.npy:
+        from .cellpose_files import save_seg_npy
+
+        written.append(save_seg_npy(
+            out.output_path(out_dir, job.stem, "npy"), res, filename=str(Path(job.path).resolve()),
+            diameter=settings.inputs.diameter, settings={**asdict(settings.inputs), **asdict(settings.masks)},
+        ))
     summary = None
     if o.table or o.summary:
         objects = res.objects

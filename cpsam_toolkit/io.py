@@ -40,12 +40,18 @@ def imread(path: str | os.PathLike) -> np.ndarray:
     try:
         if ext in (".tif", ".tiff"):
             arr = tifffile.imread(path)
-        elif ext == ".npy":
-            arr = np.load(path, allow_pickle=False)
+        elif ext == ".npy":  # a pickled object (cellpose _seg.npy) is read without running code
+            from .cellpose_files import check_seg, load_plain_npy, masks_of
+
+            arr = load_plain_npy(path)
+            if not isinstance(arr, np.ndarray):  # a cellpose _seg.npy: its labels
+                arr = masks_of(check_seg(arr, path))
         else:
             import imageio.v3 as iio
 
             arr = iio.imread(path)
+    except ImageReadError:
+        raise
     except ModuleNotFoundError as e:
         raise ImageReadError(f"{path}: reading {ext} files needs the '{e.name}' package") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file

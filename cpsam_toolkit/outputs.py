@@ -35,6 +35,7 @@ OUTPUT_SUFFIXES = {
     "outlines": "_outlines.png",
     "rois": "_rois.zip",
     "table": "_objects.csv",
+    "npy": "_seg.npy",  # for the cellpose GUI (cpsam_toolkit.cellpose_files)
 }
 
 #: column order of the per-object table

@@ -18,6 +18,7 @@ outputs (in --out):
   <stem>_outlines.png     image with red outlines                                  (--save-outlines)
   <stem>_rois.zip         ImageJ ROIs, one polygon per object                      (--save-rois)
   <stem>_objects.csv      label, area, centroid, mean_cellprob, flow_error         (--save-table)
+  <stem>_seg.npy          masks, outlines, flows, thresholds for the cellpose GUI   (--save-npy)
   summary.csv             per image: count, mean area, mean confidence, flow error (--summary)
   manifest.jsonl          one line per finished image; reruns skip finished images
   failures.csv            path and reason of each image that failed
@@ -113,6 +114,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--save-outlines", action="store_true", help="write _outlines.png")
     g.add_argument("--save-rois", action="store_true", help="write _rois.zip (ImageJ)")
     g.add_argument("--save-table", action="store_true", help="write _objects.csv per image")
+    g.add_argument("--save-npy", action="store_true",
+                   help="write _seg.npy that the cellpose GUI opens (masks, outlines, flows, thresholds)")
     g.add_argument("--summary", nargs="?", const=True, default=False, metavar="CSV",
                    help="write a per-image summary CSV (default: DIR/summary.csv)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -233,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
             report = batch.run_plate(
                 paths, out_dir, model, **opts,
                 outputs=batch.OutputOptions(args.save_flows, args.save_outlines, args.save_rois,
-                                            args.save_table),
+                                            args.save_table, npy=args.save_npy),
                 summary=Path(args.summary) if isinstance(args.summary, str) else args.summary,
                 overwrite=args.overwrite, device=args.device, dtype=args.dtype,
                 client=client, chunk_size=args.chunk_size,
