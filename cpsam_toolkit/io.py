@@ -30,6 +30,15 @@ def imread(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"{path}: no such file")
+    if path.is_dir():
+        from . import omezarr
+
+        if omezarr.is_image(path):  # an OME-Zarr image group (e.g. one field of a plate)
+            try:
+                return omezarr.read_image(path)
+            except Exception as e:  # noqa: BLE001 - any reading failure names the image
+                raise ImageReadError(f"{path}: cannot read the OME-Zarr image "
+                                     f"({e.__class__.__name__}: {e})") from None
     if not path.is_file():
         raise ImageReadError(f"{path}: not a file")
     if not os.access(path, os.R_OK):
@@ -90,7 +99,11 @@ def find_images(
     for item in inputs:
         item = str(item)
         p = Path(item)
-        if p.is_dir():
+        if p.is_dir() and _is_ome_zarr(p):  # an OME-Zarr plate or image: its image groups
+            from .omezarr import find_images as zarr_images
+
+            found += zarr_images(p)
+        elif p.is_dir():
             it = p.rglob("*") if recursive else p.iterdir()
             found += sorted(
                 f
@@ -117,6 +130,25 @@ def find_images(
             seen.add(key)
             out.append(f)
     return out
+
+
+def _is_ome_zarr(path: Path) -> bool:
+    from .omezarr import is_ome_zarr
+
+    return is_ome_zarr(path)
+
+
+def input_stat(path: str | os.PathLike) -> os.stat_result:
+    """``stat`` of an input: the file, or an OME-Zarr image's metadata file (the folder's own
+    time changes when labels are written into it)."""
+    p = Path(path)
+    if p.is_dir():
+        from .omezarr import metadata_file
+
+        meta = metadata_file(p)
+        if meta is not None:
+            return meta.stat()
+    return p.stat()
 
 
 def _current_umask() -> int:

@@ -19,6 +19,7 @@ outputs (in --out):
   <stem>_rois.zip         ImageJ ROIs, one polygon per object                      (--save-rois)
   <stem>_objects.csv      label, area, centroid, mean_cellprob, flow_error         (--save-table)
   <stem>_seg.npy          masks, outlines, flows, thresholds for the cellpose GUI   (--save-npy)
+  <stem>_labels.json      OME-Zarr input: where <image>/labels/<name> was written    (plate.zarr)
   summary.csv             per image: count, mean area, mean confidence, flow error (--summary)
   manifest.jsonl          one line per finished image; reruns skip finished images
   failures.csv            path and reason of each image that failed
@@ -119,6 +120,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--summary", nargs="?", const=True, default=False, metavar="CSV",
                    help="write a per-image summary CSV (default: DIR/summary.csv)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--label-name", default="cpsam", metavar="NAME",
+                   help="OME-Zarr input: write labels as <image>/labels/NAME (cpsam)")
+    g.add_argument("--into-input", action="store_true",
+                   help="OME-Zarr input: write the labels into the input plate (same as --out PLATE); "
+                        "default: into a copy of the plate's layout in --out")
 
     g = p.add_argument_group("distributed (Dask)")
     g.add_argument("--dask", action="store_true", help="run on a local Dask cluster (worker processes)")
@@ -192,6 +198,13 @@ def run(args: argparse.Namespace) -> int:
         return _run_3d(args, out_dir, t0)
     if args.blockwise:
         return _run_blockwise(args, out_dir, opts, t0)
+    from ..omezarr import prepare_outputs  # OME-Zarr plates: labels/<name> in the plate or a copy
+
+    try:
+        zarr_target, out_dir = prepare_outputs(args.inputs, out_dir, into_input=args.into_input,
+                                               name=args.label_name)
+    except (ValueError, OSError) as e:
+        return _err(str(e))
 
     from ..io import find_images
 
@@ -236,7 +249,8 @@ def run(args: argparse.Namespace) -> int:
             report = batch.run_plate(
                 paths, out_dir, model, **opts,
                 outputs=batch.OutputOptions(args.save_flows, args.save_outlines, args.save_rois,
-                                            args.save_table, npy=args.save_npy),
+                                            args.save_table or zarr_target is not None,
+                                            npy=args.save_npy, zarr=zarr_target),
                 summary=Path(args.summary) if isinstance(args.summary, str) else args.summary,
                 overwrite=args.overwrite, device=args.device, dtype=args.dtype,
                 client=client, chunk_size=args.chunk_size,
