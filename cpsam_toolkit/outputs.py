@@ -425,6 +425,12 @@ def repeat_command(
     if ref is not None:
         args += ["--model", ref]
     left_out = []
+    # one canonical order (input, network, masks, volumes), whatever order the settings came in
+    order = ("channel_axis", "channels", "normalize", "percentiles", "invert", "tile_norm_blocksize",
+             "diameter", "batch_size", "tile_overlap", "augment", "gpu_memory", "flow_threshold",
+             "cellprob_threshold", "min_size", "max_size_fraction", "niter", "do_3d", "z_axis",
+             "anisotropy", "flow3d_smooth", "stitch_threshold")
+    d = {k: d[k] for k in sorted(d, key=lambda k: (order.index(k) if k in order else len(order), k))}
     for key, value in d.items():
         if key in _CLI_SWITCHES:
             if value:

@@ -49,3 +49,14 @@ def test_python_call_repeats_the_result(data_dir):
     rec = json.loads(run_record(kwargs, model))
     assert rec["model"] == "cpsam_toolkit_small" and len(rec["sha256"]) == 64
     assert rec["settings"] == kwargs and rec["cli"].startswith("cpsam segment IMAGES")
+
+
+def test_settings_object_gives_the_same_command():
+    from cpsam_toolkit.settings import Settings
+
+    s = Settings().replace(flow_threshold=0.8, diameter=20.0, channels=(0, 1))
+    kwargs = {"flow_threshold": 0.8, "diameter": 20.0, "channels": (0, 1), "cellprob_threshold": 0.0,
+              "min_size": 15}
+    assert repeat_command(s, "cpsam_v2").cli == repeat_command(kwargs, "cpsam_v2").cli
+    args = build_parser().parse_args(shlex.split(repeat_command(s, "cpsam_v2").cli)[1:])
+    assert (args.flow_threshold, args.diameter, tuple(args.channels)) == (0.8, 20.0, (0, 1))
