@@ -15,7 +15,9 @@ no image data). Each image also gets ``<stem>_labels.json`` in the run folder, w
 killed run redoes exactly the images whose labels are incomplete.
 
 The per-object table is also written as ``<stem>_objects.csv`` in the run folder.
-Blockwise (very large images): not yet read or written as OME-Zarr (use a TIFF or plain zarr).
+Blockwise (``--blockwise``, very large images): fields are read lazily (:func:`blockwise_input`)
+and the label array is written as the same NGFF labels with a pyramid computed by dask
+(:func:`blockwise_labels`), without the per-object properties.
 """
 
 from __future__ import annotations
@@ -195,10 +197,11 @@ def write_labels(
     ms = attrs(src).get("multiscales", [{}])[0]
     src_arr = zarr.open_array(str(src / ms["datasets"][0]["path"]), mode="r")
     axes = [a for a in _axes(ms, src_arr.ndim) if a != "c"]
-    masks = as_label_dtype(np.asarray(masks))
+    if not hasattr(masks, "dask"):  # a dask array (blockwise labels) stays lazy
+        masks = as_label_dtype(np.asarray(masks))
     if masks.ndim != 2:
         raise OmeZarrError(f"{group_path}: labels must be 2D (Y, X), got shape {masks.shape}")
-    data = masks.reshape((1,) * (len(axes) - 2) + masks.shape)
+    data = masks[(None,) * (len(axes) - 2)]
     zarr_format = zarr.open_group(str(src), mode="r").metadata.zarr_format
     group = zarr.open_group(str(group_path), mode="a", zarr_format=zarr_format)
     meta: dict[str, Any] = {"source": {"image": "../../"}}
@@ -296,3 +299,53 @@ def _copy_layout(src: Path, dst: Path) -> None:
         add_metadata(wg, {"well": attrs(src / well["path"]).get("well", {})})
         for im in attrs(src / well["path"]).get("well", {}).get("images", []):
             zarr.open_group(str(dst / well["path"] / im["path"]), mode="a", zarr_format=zf)
+
+
+# --------------------------------------------------------------------------------- blockwise
+
+
+def blockwise_input(path: str | os.PathLike) -> Any:
+    """What :func:`cpsam_toolkit.blockwise.segment_blockwise` should read for an OME-Zarr image:
+    the full-resolution array's path when its axes are (c,) y, x, else a lazy dask view
+    (``t`` = 0, the single ``z`` plane, channels last)."""
+    import dask.array as da
+    import zarr
+
+    p = Path(path)
+    ms = attrs(p)["multiscales"][0]
+    level0 = p / ms["datasets"][0]["path"]
+    arr = zarr.open_array(str(level0), mode="r")
+    axes = _axes(ms, arr.ndim)
+    if axes in (["y", "x"], ["c", "y", "x"]):
+        return str(level0)
+    view = da.from_zarr(arr)
+    index = tuple(0 if a in ("t", "z") else slice(None) for a in axes)
+    for a, n in zip(axes, arr.shape, strict=True):
+        if a == "z" and n > 1:
+            raise OmeZarrError(f"{p}: {n} z planes; blockwise segmentation is 2D")
+    kept = [a for a in axes if a not in ("t", "z")]
+    view = view[index]
+    return da.moveaxis(view, kept.index("c"), -1) if "c" in kept else view
+
+
+def blockwise_labels(
+    image: str | os.PathLike, masks_zarr: str | os.PathLike, target: LabelTarget | None,
+    out_dir: str | os.PathLike, stem: str,
+) -> Path | None:
+    """After a blockwise run: the label array ``masks_zarr`` as ``<image>/labels/<name>``
+    (pyramid computed lazily with dask), then ``<stem>_labels.json``. Does nothing for inputs
+    that are not OME-Zarr images or whose labels record exists (a rerun)."""
+    if target is None or not is_image(image) or target.destination(image) is None:
+        return None
+    record = Path(out_dir) / f"{stem}_labels.json"
+    if record.is_file():
+        return record
+    import dask.array as da
+
+    where = write_labels(target.destination(image), da.from_zarr(str(masks_zarr)), target.name,
+                         like=image)
+    from .outputs import write_text_atomic
+
+    rec = {"labels": str(where), "image": str(Path(image).resolve()), "name": target.name,
+           "masks": str(masks_zarr)}
+    return write_text_atomic(record, json.dumps(rec, indent=1))

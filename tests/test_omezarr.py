@@ -146,9 +146,34 @@ def test_killed_plate_run_resumes_into_a_copy_of_the_layout(plate, tmp_path):
         assert not (Path(image) / "labels").exists()
         rec = json.loads((out / f"{stem}_labels.json").read_text())
         assert rec["labels"] == str(copy / rel / "labels" / "cpsam")
-        from ome_zarr.io import parse_url
-        from ome_zarr.reader import Label, Reader
-
-        node = [n for n in Reader(parse_url(rec["labels"]))() if n.load(Label)][0]
+        node = _label_nodes_at(Path(rec["labels"]))[0]
         np.testing.assert_array_equal(np.asarray(node.data[0]),
                                       tifffile.imread(out / f"{stem}_masks.tif"))
+
+
+def test_blockwise_reads_fields_and_writes_the_same_labels_layout(plate, tmp_path):
+    path, pixels = plate
+    out = tmp_path / "bw"
+    args = ["segment", str(path), "--out", str(out), "--blockwise", "--block-size", "128",
+            "--halo", "32", *MODEL]
+    assert main(args) == 0
+    copy = out / "plate.zarr"
+    for image in pixels:
+        rel = Path(image).relative_to(path)
+        stem = "__".join(rel.parts)
+        import zarr
+
+        masks = np.asarray(zarr.open_array(str(out / f"{stem}_masks.zarr"), mode="r"))
+        assert masks.shape == (192, 192)
+        nodes = _label_nodes_at(copy / rel / "labels" / "cpsam")
+        assert len(nodes) == 1 and len(nodes[0].data) >= 2
+        np.testing.assert_array_equal(np.asarray(nodes[0].data[0]), masks)
+    # a rerun skips the fields and leaves the labels as they are
+    assert main(args) == 0
+
+
+def _label_nodes_at(labels: Path):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Reader
+
+    return [n for n in Reader(parse_url(str(labels)))() if n.load(Label)]

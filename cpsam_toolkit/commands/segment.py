@@ -196,8 +196,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.do_3d or args.stitch_threshold or args.z_axis is not None:
         return _run_3d(args, out_dir, t0)
-    if args.blockwise:
-        return _run_blockwise(args, out_dir, opts, t0)
     from ..omezarr import prepare_outputs  # OME-Zarr plates: labels/<name> in the plate or a copy
 
     try:
@@ -205,6 +203,8 @@ def run(args: argparse.Namespace) -> int:
                                                name=args.label_name)
     except (ValueError, OSError) as e:
         return _err(str(e))
+    if args.blockwise:
+        return _run_blockwise(args, out_dir, opts, t0, zarr_target)
 
     from ..io import find_images
 
@@ -317,13 +317,15 @@ def _default_workers() -> int:
     return 2
 
 
-def _run_blockwise(args: argparse.Namespace, out_dir: Path, opts: dict[str, Any], t0: float) -> int:
-    from .. import blockwise
+def _run_blockwise(args: argparse.Namespace, out_dir: Path, opts: dict[str, Any], t0: float,
+                   zarr_target: Any = None) -> int:
+    from .. import blockwise, omezarr
+    from ..batch import make_jobs
 
     inputs = []
     for item in args.inputs:
         p = Path(item)
-        if p.is_dir() and p.suffix.lower() != ".zarr":
+        if p.is_dir() and (p.suffix.lower() != ".zarr" or omezarr.is_ome_zarr(p)):
             from ..io import find_images
 
             inputs += find_images(p, recursive=args.recursive)
@@ -337,21 +339,27 @@ def _run_blockwise(args: argparse.Namespace, out_dir: Path, opts: dict[str, Any]
         return _err(str(e))
     print(f"model: {model.name} ({model.info.get('path', 'in memory')}) on {model.device}", file=sys.stderr)
     failed = n_objects = done = skipped = 0
+    stems = {j.path: j.stem for j in make_jobs(inputs)}  # unique (plate fields share names)
     with _dask(args) as (client, _):
         for p in inputs:
-            stem = p.name[:-5] if p.suffix.lower() == ".zarr" else p.stem
+            stem = stems[str(p)]
             target = out_dir / f"{stem}_masks.zarr"
             if target.exists() and not args.overwrite:
                 print(f"skipped: {target} exists (--overwrite to redo)", file=sys.stderr)
+                omezarr.blockwise_labels(p, target, zarr_target, out_dir, stem)  # if a kill cut it
                 skipped += 1
                 continue
             try:
+                image = omezarr.blockwise_input(p) if omezarr.is_image(p) else p
                 res = blockwise.segment_blockwise(
-                    p, model, target, block_size=args.block_size, halo=args.halo,
+                    image, model, target, block_size=args.block_size, halo=args.halo,
                     input_options=opts["input_options"], net_options=opts["net_options"],
                     mask_options=opts["mask_options"], overwrite=args.overwrite, client=client,
                     progress=not args.no_progress and sys.stderr.isatty(),
                 )
+                if args.overwrite:  # labels of this run, not an earlier one's
+                    (out_dir / f"{stem}_labels.json").unlink(missing_ok=True)
+                omezarr.blockwise_labels(p, target, zarr_target, out_dir, stem)
             except Exception as e:  # noqa: BLE001 - report and go on with the next input
                 print(f"failed: {p}: {e}", file=sys.stderr)
                 failed += 1
