@@ -177,3 +177,25 @@ def _label_nodes_at(labels: Path):
     from ome_zarr.reader import Label, Reader
 
     return [n for n in Reader(parse_url(str(labels)))() if n.load(Label)]
+
+
+def test_single_ngff_04_image_into_input(tmp_path, data_dir):
+    """A single OME-Zarr image in NGFF 0.4 (zarr v2), axes t,c,z,y,x: labels keep its format."""
+    import zarr
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_image
+
+    s = stems(data_dir, DSB)[0]
+    img = tifffile.imread(data_dir / DSB / "train" / f"{s}_img.tif")[:128, :128, 0]
+    path = tmp_path / "one.zarr"
+    group = zarr.open_group(str(path), mode="w", zarr_format=2)
+    write_image(img[None, None, None], group, axes="tczyx", fmt=FormatV04(), scale_factors=[2])
+    assert omezarr.read_image(path).shape == (128, 128)
+    assert main(["segment", str(path), "--out", str(path), *MODEL]) == 0
+    labels = path / "labels" / "cpsam"
+    assert (labels / ".zattrs").is_file() and not (labels / "zarr.json").exists()
+    node = _label_nodes(path)[0]
+    data = np.asarray(node.data[0])
+    assert data.shape == (1, 1, 128, 128)  # t, z, y, x: the image's axes without c
+    masks = tifffile.imread(path / omezarr.RUN_FOLDER / "one_masks.tif")
+    np.testing.assert_array_equal(data[0, 0], masks)
