@@ -122,3 +122,23 @@ def test_wheel_plugin_runs_in_headless_cellprofiler(tmp_path, data_dir):
         assert rec["settings"]["flow_threshold"] == pytest.approx(
             float(rec["cli"].split("--flow-threshold ")[1].split()[0]))
         assert rec["cli"].startswith("cpsam segment IMAGES --out OUT --model cpsam_toolkit_small")
+
+
+@pytest.mark.cellprofiler
+def test_doctor_loads_the_module_with_cellprofiler_core(tmp_path, monkeypatch):
+    if importlib.util.find_spec("cellprofiler_core") is None:
+        pytest.skip("cellprofiler-core is not installed")
+    from cpsam_toolkit import cellprofiler as cpmod
+    from cpsam_toolkit.doctor import check_cellprofiler
+
+    checks = {c.name: c for c in check_cellprofiler()}
+    loads = checks["CellProfiler loads the module"]
+    assert loads.status == "ok" and "RunCellposeSAM" in loads.found, loads.line()
+    # a module file that CellProfiler cannot load: the check fails and shows the error
+    broken = tmp_path / "plugins"
+    broken.mkdir()
+    (broken / "runcellposesam.py").write_text("import cellprofiler_core\nraise ImportError('boom')\n")
+    monkeypatch.setattr(cpmod, "plugins_directory", lambda: broken)
+    checks = {c.name: c for c in check_cellprofiler()}
+    bad = checks["CellProfiler loads the module"]
+    assert bad.status == "fail" and bad.fix, bad.line()
