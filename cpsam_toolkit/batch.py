@@ -38,14 +38,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import outputs as out
-from .io import ImageReadError, find_images, imread
+from .io import ImageReadError, find_images, imread, input_stat
 from .preprocess import ImageInputError, check_finite, to_channels_last
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,6 +76,8 @@ class OutputOptions:
     rois: bool = False  # _rois.zip (ImageJ)
     table: bool = False  # _objects.csv
     summary: bool = False  # per-image statistics in the manifest (for summary.csv)
+    npy: bool = False  # _seg.npy for the cellpose GUI (cpsam_toolkit.cellpose_files)
+    zarr: Any = None  # cpsam_toolkit.omezarr.LabelTarget: labels of OME-Zarr inputs
 
     def kinds(self) -> list[str]:
         k = ["masks"]
@@ -87,6 +89,10 @@ class OutputOptions:
             k.append("rois")
         if self.table:
             k.append("table")
+        if self.npy:
+            k.append("npy")
+        if self.zarr is not None:
+            k.append("zarr_labels")
         return k
 
 
@@ -129,7 +135,7 @@ class ImageJob:
     def from_path(cls, path: str | os.PathLike, stem: str | None = None) -> ImageJob:
         p = Path(path)
         try:
-            st = p.stat()
+            st = input_stat(p)  # an OME-Zarr image: its metadata file, not the folder
             size, mtime = st.st_size, st.st_mtime_ns
         except OSError:
             size, mtime = -1, -1
@@ -336,6 +342,17 @@ def write_outputs(
             written.append(p)
         else:  # no objects: no zip, and no stale one from an earlier run
             out.output_path(out_dir, job.stem, "rois").unlink(missing_ok=True)
+    if o.npy:
+        from .cellpose_files import save_seg_npy
+
+        written.append(save_seg_npy(
+            out.output_path(out_dir, job.stem, "npy"), res, filename=str(Path(job.path).resolve()),
+            diameter=settings.inputs.diameter, settings={**asdict(settings.inputs), **asdict(settings.masks)},
+        ))
+    if o.zarr is not None:  # OME-Zarr input: labels/<name> in the plate (cpsam_toolkit.omezarr)
+        p = o.zarr.write(job.stem, job.path, res.masks, res.objects, out_dir)
+        if p is not None:
+            written.append(p)
     summary = None
     if o.table or o.summary:
         objects = res.objects
@@ -863,7 +880,7 @@ def run_plate(
     out_dir = check_out_dir(out_dir)
     outputs = outputs or OutputOptions()
     if summary and not outputs.summary:
-        outputs = OutputOptions(outputs.flows, outputs.outlines, outputs.rois, outputs.table, True)
+        outputs = replace(outputs, summary=True)
     settings = PlateSettings(input_options or InputOptions(), net_options or NetOptions(),
                              mask_options or MaskOptions(), outputs)
     settings.masks.validate()
