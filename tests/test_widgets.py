@@ -593,18 +593,38 @@ def test_finetuner_trains_in_the_background_and_saves(tiny_model, tmp_path):
     assert ft.progress.value == 2 == ft.progress.max and ft.progress.bar_style == "success"
     assert ft.plot.value[:4] == b"\x89PNG" and "comparison" in ft.comparison.value
     assert [r["model"] for r in ft.comparison_table()] == ["base", "final", "best"]
-    # the base model is untouched; the finetuned one is ready to use
+    # the base model is untouched
     assert all(torch_equal(v, tiny_model.net.state_dict()[k]) for k, v in before.items())
-    assert ft.model is not None and "finetuned" in ft.model.name
-    saved = ft.save(tmp_path / "ft.pt")
-    from cpsam_toolkit.segment import load_model
-
-    assert load_model(saved).net.cfg == tiny_model.net.cfg
-    ft.use_button.click()
-    assert viewer.model is ft.model
+    # an untrained tiny network does not beat itself: the panel says so and offers no model
+    assert ft.improved is False and ft.model is None
+    assert "did NOT improve" in ft.comparison.value and "no finetuned model is offered" in ft.comparison.value
+    assert ft.save_button.disabled and ft.use_button.disabled
+    with pytest.raises(RuntimeError, match="nothing better to save"):
+        ft.save(tmp_path / "ft.pt")
+    # the working folder keeps only the chosen weights, and goes away with close()
+    work = ft._run_dir
+    assert [p.name for p in work.iterdir()] == ["finetuned.pt"]
+    ft.close()
+    assert not work.exists()
     with pytest.raises(ValueError, match="both in training and validation"):
         ft.set_split(train=["a", "c"], val=["c"])
         ft.start()
+
+
+def test_finetuner_without_validation_saves_the_last_epoch(tiny_model, tmp_path):
+    from cpsam_toolkit.segment import load_model
+    from cpsam_toolkit.widgets import Finetuner, Viewer
+
+    viewer = Viewer(_pairs(1)[0][0], tiny_model, background=False)
+    ft = Finetuner(tiny_model, _pairs(2), names=["a", "b"], epochs=2, viewer=viewer)
+    ft.set_split(train=["a", "b"], val=[])
+    ft.start(wait=True)
+    assert ft.improved is None and ft.model is not None and "finetuned" in ft.model.name
+    assert ft.saved_epoch == 2 and ft.save_button.description == "Save model (epoch 2, not validated)"
+    saved = ft.save(tmp_path / "ft.pt")
+    assert load_model(saved).net.cfg == tiny_model.net.cfg and "saved epoch 2" in ft.status.value
+    ft.use_button.click()
+    assert viewer.model is ft.model
 
 
 def test_finetuner_stop(tiny_model):
