@@ -46,14 +46,27 @@ def shipped_model_available() -> bool:
     return True
 
 
+class _DropRecommendation(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "recommends" not in record.getMessage()
+
+
 def notebook_model(device: Any = None) -> Any:
-    """The shipped small model (fast on a CPU), or — only when this installation has no shipped
+    """The shipped small model (fast on a CPU; the widgets use its recommended settings,
+    ``model.info["recommended_settings"]``), or — only when this installation has no shipped
     model file, as in a source checkout before it is trained — a tiny network with random
     weights, with a warning (results are then meaningless, but every step runs)."""
     from ..segment import load_model
 
     if shipped_model_available():
-        return load_model(SHIPPED, device=device)
+        # the load-time "recommends flow_threshold=0.8" message is for scripts; the widgets apply
+        # the recommended settings themselves and show each value with its source
+        quiet = _DropRecommendation()
+        log.addFilter(quiet)
+        try:
+            return load_model(SHIPPED, device=device)
+        finally:
+            log.removeFilter(quiet)
     import torch
 
     from ..network.checkpoints import save_checkpoint

@@ -32,7 +32,7 @@ import ipywidgets as W
 import numpy as np
 
 from ..io import imread, write_atomic
-from ._base import Panel, figure_png, fmt, html_table, report_errors, status_html
+from ._base import MASK_KEYS, Panel, figure_png, fmt, html_table, report_errors, resolve_settings, status_html
 
 
 def _load(x: Any) -> np.ndarray:
@@ -98,6 +98,9 @@ class Finetuner(Panel):
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.recipe_overrides = dict(recipe_overrides or {})
+        # validation AP with the model's recommended post-processing (what the viewer shows)
+        values, sources = resolve_settings(model)
+        self.val_settings = {k: values[k] for k in MASK_KEYS if sources[k] != "default"}
         self._run_dir: Path | None = None
         self._cleanup: weakref.finalize | None = None
         self.improved: bool | None = None  # None: not trained yet, or no validation images
@@ -151,8 +154,10 @@ class Finetuner(Panel):
             self.add(data, names)
         if corrector is not None:
             self.add_corrected()
+        vs = ", ".join(f"{k}={v} (model)" for k, v in self.val_settings.items())
         self.status.value = status_html(
-            f"{len(self._pairs)} images; base model {html.escape(str(model.name))}")
+            f"{len(self._pairs)} images; base model {html.escape(str(model.name))}"
+            + (f"; validation AP with {html.escape(vs)}" if vs else ""))
 
     # -- data -----------------------------------------------------------------------------
     def add(self, data: Any, names: Sequence[str] | None = None) -> None:
@@ -318,7 +323,8 @@ class Finetuner(Panel):
             self.result = train(net, tr, va, recipe=rec, out=out, seed=self.seed,
                                 device=getattr(self.base_model, "device", None),
                                 callback=self._on_epoch, stop_event=self._stop, progress=False,
-                                meta={"base_model": str(self.base_model.name)})
+                                meta={"base_model": str(self.base_model.name)},
+                                val_settings=self.val_settings)
             shutil.rmtree(out.with_name(out.name + ".run"), ignore_errors=True)  # keep only the weights
             b, f = self.result.base.get("val_ap50"), (self.result.best or {}).get("val_ap50")
             self.improved = None if (b is None or f is None) else bool(f > b)
