@@ -418,7 +418,11 @@ class Corrector(Panel):
         if self.index in self._editors:
             self.editor.label = int(change["new"])
 
+    _browsing_quietly = False
+
     def _on_browse(self, change: dict) -> None:
+        if self._browsing_quietly:  # the list is being redrawn (new marks), not clicked
+            return
         if change["new"] is not None and change["new"] != self.index:
             self.open(int(change["new"]))
 
@@ -439,10 +443,14 @@ class Corrector(Panel):
 
     def _refresh_browser(self) -> None:
         opts = [(f"{_MARK[self.state(i)]} {it.name}", i) for i, it in enumerate(self.items)]
-        if list(self.browser.options) != opts:
-            self.browser.options = opts
-        if self.browser.value != self.index:
-            self.browser.value = self.index
+        self._browsing_quietly = True  # new options reset the selection: not a user's choice
+        try:
+            if list(self.browser.options) != opts:
+                self.browser.options = opts
+            if self.browser.value != self.index:
+                self.browser.value = self.index
+        finally:
+            self._browsing_quietly = False
 
     def _refresh(self) -> None:
         ed = self.editor
