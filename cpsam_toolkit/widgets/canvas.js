@@ -242,7 +242,7 @@ function render({ model, el }) {
     const ids = o.label || [];
     for (let r = 0; r < ids.length; r++) rows.set(ids[r], r);
   }
-  function showTip(p, ev) {
+  function showTip(p) {
     const hit = labelAt(p);
     if (!hit) { tip.style.display = "none"; sPos.textContent = ""; return; }
     sPos.textContent = `y ${hit.y}, x ${hit.x}` + (hit.id ? ` · object ${hit.id}` : "");
@@ -300,7 +300,7 @@ function render({ model, el }) {
       if (Math.hypot(p.y - last[0], p.x - last[1]) >= 0.5) stroke.points.push([r2(p.y), r2(p.x)]);
       tip.style.display = "none";
     } else {
-      showTip(p, ev);
+      showTip(p);
     }
     draw();
   }
@@ -315,7 +315,7 @@ function render({ model, el }) {
       send(msg);
       draw();
     }
-    try { canvas.releasePointerCapture(ev.pointerId); } catch (e) { /* not captured */ }
+    try { canvas.releasePointerCapture(ev.pointerId); } catch { /* not captured */ }
   }
   function onWheel(ev) {
     if (!W) return;
