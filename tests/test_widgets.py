@@ -748,6 +748,8 @@ def test_widgets_use_the_models_recommended_settings_and_show_their_sources(tmp_
     assert v2.sources["flow_threshold"] == "user" and "--diameter 17" in v2.repeat_command()[0]
     c = Corrector([np.zeros((64, 64), np.uint8)], m, out_dir=tmp_path, names=["x"])
     assert m.calls[-1]["flow_threshold"] == 0.8 and "flow_threshold 0.8 (model)" in c.settings_line.value
+    with pytest.raises(ValueError, match="setting flow_threshold=-1 is invalid"):  # validated as Settings
+        Viewer(np.zeros((64, 64), np.float32), m, flow_threshold=-1)
 
 
 def test_viewer_probability_slider_with_typed_logit_and_log_size_slider():

@@ -77,23 +77,26 @@ def model_recommended(model: Any) -> dict[str, Any]:
 
 
 def default_settings() -> dict[str, Any]:
-    """The library defaults of every segmentation setting (input, network and mask options)."""
-    from dataclasses import asdict
+    """The library defaults of every segmentation setting (:class:`cpsam_toolkit.settings.Settings`)."""
+    from ..settings import Settings
 
-    from ..segment import InputOptions, MaskOptions, NetOptions
-
-    return {**asdict(InputOptions()), **asdict(NetOptions()), **asdict(MaskOptions())}
+    return Settings().values()
 
 
 def resolve_settings(model: Any, user: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """``(values, sources)``: library defaults, then the model's recommended settings, then
-    ``user`` values; ``sources[name]`` is ``"default"``, ``"model"`` or ``"user"``."""
-    values = default_settings()
-    sources = dict.fromkeys(values, "default")
-    for src, d in (("model", model_recommended(model) if model is not None else {}), ("user", user or {})):
-        for k, v in d.items():
-            values[k] = v
-            sources[k] = src
+    ``user`` values, validated as a :class:`cpsam_toolkit.settings.Settings` (a bad value raises
+    ``ValueError`` naming the setting and the fix); ``sources[name]`` is ``"default"``,
+    ``"model"`` or ``"user"``. Other ``segment`` keywords in ``user`` pass through as "user"."""
+    from ..settings import SETTING_NAMES, Settings
+
+    user = dict(user or {})
+    s = Settings.from_model(model_recommended(model) if model is not None else {})
+    s = s.replace(**{k: v for k, v in user.items() if k in SETTING_NAMES})
+    values, sources = s.values(), dict(s.sources)
+    for k, v in user.items():
+        if k not in SETTING_NAMES:
+            values[k], sources[k] = v, "user"
     return values, sources
 
 
