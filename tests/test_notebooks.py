@@ -105,6 +105,7 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
             # the finetune demo shows a gain on its held-out images, and saves the best epoch
             m = re.search(r"starting model ([\d.]+) -> finetuned ([\d.]+) \(epoch (\d+)\)", text)
             assert m, text
+            print(m.group(0), file=sys.stderr)
             assert float(m.group(2)) > float(m.group(1)) + 0.05, m.group(0)
             assert f"saved epoch {m.group(3)} to" in text
             assert (out / "02" / "finetuned.pt").stat().st_size > 0

@@ -240,7 +240,7 @@ class ViewControls:
         for name in ("brightness", "contrast", "gamma"):
             W.link((getattr(self, name), "value"), (canvas, name))
         self.reset_levels = W.Button(description="reset levels", icon="adjust",
-                                     layout=W.Layout(width="110px"),
+                                     layout=W.Layout(width="130px"),
                                      tooltip="brightness 0, contrast 1, gamma 1")
         self.reset_levels.on_click(lambda _b: self.set_levels(0.0, 1.0, 1.0))
         row = dict(layout=W.Layout(flex_flow="row wrap", align_items="center"))

@@ -118,7 +118,7 @@ class Viewer(Panel):
         self.status = W.HTML()
         o = result.options
         cu = dict(continuous_update=False)
-        wide = dict(layout=W.Layout(width="300px"), style={"description_width": "130px"})
+        wide = dict(layout=W.Layout(width="300px"), style={"description_width": "120px"})
         typed = dict(layout=W.Layout(width="150px"), style={"description_width": "45px"},
                      continuous_update=False)
         # one unit on screen for the cell probability: a probability (as the hover shows), with
@@ -127,7 +127,8 @@ class Viewer(Panel):
                                         description="cell probability ≥", readout_format=".2f", **cu, **wide)
         self.cellprob = W.FloatText(value=float(o.cellprob_threshold), description="logit", step=0.1, **typed)
         self.flow = W.FloatSlider(value=o.flow_threshold, min=0.0, max=3.0, step=0.05,
-                                  description="flow error ≤ (0 = off)", readout=False, **cu, **wide)
+                                  description="flow error ≤", readout=False, **cu, **wide,
+                                  tooltip="flow-error QC threshold; 0 turns the QC off")
         self.flow_text = W.BoundedFloatText(value=float(o.flow_threshold), min=0.0, max=1e6, step=0.05,
                                             description="", **{**typed, "layout": W.Layout(width="90px")})
         # sizes span decades (5 px debris to 5000 px cells): a log slider, exact value typed
