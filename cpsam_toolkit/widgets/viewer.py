@@ -111,7 +111,7 @@ class Viewer(Panel):
                 raise ValueError("Viewer needs a model to segment the image, or result=")
             result = self._segment()
         self.result = result
-        self._sync_settings(result.options, initial=True)
+        self._sync_settings(result.options)
         self._channel: int | None = None
 
         self.canvas = LabelCanvas(tools=["pan"], tool="pan", height=height)
@@ -290,21 +290,13 @@ class Viewer(Panel):
         """What ``model.segment`` gets: the recommended and the user's settings."""
         return segment_kwargs(self.model, self.settings, self.sources) if self.model is not None else {}
 
-    def _sync_settings(self, options: Any, initial: bool = False) -> None:
-        """Record the post-processing settings of ``options``; a value that differs from the
-        one recorded becomes the user's."""
+    def _sync_settings(self, options: Any) -> None:
+        """Record the post-processing settings of ``options`` (the result on screen); a value
+        that differs from the one recorded is the user's (a slider, or a given result)."""
         for k in MASK_KEYS:
             v = getattr(options, k, None)
-            if k not in self.settings or self.settings[k] != v:
-                self.settings[k] = v
-                if not initial or self.model is None:
-                    self.sources[k] = "user"
-        if initial and self.model is None:
-            from ._base import default_settings
-
-            for k, d in default_settings().items():
-                if k in MASK_KEYS and self.settings.get(k) == d:
-                    self.sources[k] = "default"
+            if self.settings.get(k) != v:
+                self.settings[k], self.sources[k] = v, "user"
 
     def _show_settings(self) -> None:
         import html as _html
