@@ -162,8 +162,10 @@ def validation_loss(net: CPSAMNet, crops, device: torch.device, batch_size: int 
     return tot / n
 
 
-def validation_ap(net: CPSAMNet, data: TrainingSet, device: torch.device) -> dict[str, Any]:
-    """Mean per-image AP@0.5 of full-image segmentation (per group, and the mean of groups).
+def validation_ap(net: CPSAMNet, data: TrainingSet, device: torch.device,
+                  settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Mean per-image AP@0.5 of full-image segmentation (per group, and the mean of groups);
+    ``settings``: more ``segment`` keywords (e.g. the model's recommended ``flow_threshold``).
 
     Uses :mod:`cpsam_toolkit.segment` and :mod:`cpsam_toolkit.metrics`; returns ``{}`` (and
     warns) if they cannot run, so a training run never dies in validation.
@@ -180,7 +182,7 @@ def validation_ap(net: CPSAMNet, data: TrainingSet, device: torch.device) -> dic
         model = CellposeSAM(clone, device=device, name="validation")
         per_group: dict[str, list[float]] = {}
         images = [np.moveaxis(s.image.astype(np.float32), 0, -1) for s in data.samples]
-        results = model.segment(images, normalize=False, batch_size=8)
+        results = model.segment(images, normalize=False, batch_size=8, **(settings or {}))
         for s, r in zip(data.samples, results):
             ap = average_precision(s.masks, np.asarray(r.masks), [0.5])[0]
             per_group.setdefault(s.group or "all", []).append(float(np.ravel(ap)[0]))
@@ -294,6 +296,7 @@ def train(
     progress: bool = True,
     meta: dict[str, Any] | None = None,
     aux_loss: Callable[[torch.Tensor, Sequence[int], list[np.ndarray]], torch.Tensor] | None = None,
+    val_settings: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train (fine-tune, or from scratch) a Cellpose-SAM network.
 
@@ -334,6 +337,9 @@ def train(
         network output, the training-set indices of the batch and their augmented label crops;
         its value is added to the segmentation loss (e.g. the class loss of
         :func:`cpsam_toolkit.panoptic.train_panoptic`). Not part of the validation loss.
+    val_settings : dict, optional
+        ``segment`` keywords of the validation AP (e.g. ``{"flow_threshold": 0.8}``, the
+        model's recommended settings); default: the library defaults.
     """
     from ..device import resolve_device
 
@@ -418,7 +424,7 @@ def train(
             return {}
         res: dict[str, Any] = {"val_loss": validation_loss(net, val_crops, dev)}
         if with_ap and val_ap:
-            res.update(validation_ap(net, va, dev))
+            res.update(validation_ap(net, va, dev, val_settings))
         return res
 
     def score(v: dict[str, Any]) -> float | None:
