@@ -218,7 +218,7 @@ absolute times are pessimistic, ratios are what matter):
 | change | cost | effect |
 |---|---|---|
 | choose the stored settings on validation images (`scripts/choose_settings.py`) | ~0.5 CPU-hour, no training | mean AP@0.5 0.229 -> **0.296**, every set better (table above) |
-| warm restart on the complete sets (split v2, lr 5e-4, `--polish`), 20 epochs | ~1.5 CPU-hours (loaded machine) | mean AP@0.5 at defaults 0.229 -> 0.202 (DSB 0.513, Usiigaci 0.017, CoNSeP 0.077): worse so far; stopped, not shipped |
+| warm restart on the complete sets (split v2, lr 5e-4, `--polish`), 20 epochs | 41 min wall-clock on one thread of the loaded machine (train + one validation) | mean AP@0.5 at defaults 0.229 -> 0.202 (DSB 0.513, Usiigaci 0.017, CoNSeP 0.077): worse so far; stopped, not shipped |
 | bf16 autocast for the training step | - | 3.34 s vs 3.46 s per batch of 8 (fp32): within noise on this CPU (AVX-512 BF16, no AMX) |
 | a faster data pipeline | - | augmentation costs 11-15 ms per sample (degradations on 0-50%) against ~430 ms of network forward+backward per sample: under 4%, nothing to gain |
 | distillation from a better checkpoint | - | none can be had offline: the official weights are a download and the GPU run (`benchmarks/gpu_run.sh`) has not run yet |
