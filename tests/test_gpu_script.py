@@ -120,6 +120,13 @@ def test_gpu_run_dry_run(packed: Path, tmp_path: Path) -> None:
         assert m.net.cfg.depth == 2  # tiny
     m = cp.load_model(out / "cpsam_gpu.pt", device="cpu")
     assert "flow_threshold" in m.info["recommended_settings"]
+    # the docs table is made from these files, and docs/benchmarks.md has its place
+    import gpu_results_to_docs as docs
+
+    text = docs.table(res, rows)
+    assert "end to end" in text and "masks → flows" in text and "Training" in text
+    doc = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert docs.START in doc and docs.END in doc
     # what comes back from the device: <= 8 files of <= 16 MiB, at most 2 folders down
     files = [f for f in out.rglob("*") if f.is_file()]
     assert len(files) <= 8, files
