@@ -520,6 +520,13 @@ def main(argv: list[str] | None = None) -> int:
             bs = max(1, bs // 2)
             print(f"out of memory: batch {bs}", flush=True)
             continue
+        except Exception as e:  # noqa: BLE001 - keep what was trained: save and validate below
+            import traceback
+
+            traceback.print_exc()
+            write_jsonl(log_path, {"t": round(time.time() - t_start, 1),
+                                   "error": f"{e.__class__.__name__}: {e}"})
+            break
         step += 1
         samples += bs
         if step % 10 == 0 or dev.type != "cuda":
