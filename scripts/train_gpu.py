@@ -476,7 +476,10 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": args.batch_size, "lr": args.lr, "degrade_p": args.degrade_p,
             "scale_range": list(args.scale_range), "device": torch.cuda.get_device_name(dev)
             if dev.type == "cuda" else "cpu", "init": str(args.init) if args.init else None,
-            "split": "cpsam_toolkit/models/" + json.loads(str(np.load(args.data)["summary"]))["split"]}
+            "packed": {k: v for k, v in json.loads(str(np.load(args.data)["summary"])).items()
+                       if k in ("split", "diameter", "jpeg_quality", "train", "val")},
+            "packed_note": "images whose median object diameter exceeded 'diameter' px were shrunk to it"}
+    meta["split"] = "cpsam_toolkit/models/" + meta["packed"]["split"]
     ckpt, best_path = out / "cpsam_gpu.pt", out / "cpsam_gpu_best.pt"
     step = samples = 0
     best_vl = math.inf
@@ -556,18 +559,34 @@ def main(argv: list[str] | None = None) -> int:
     final = {"samples": samples, "steps": step, "val_loss": vl, "train_seconds": round(train_s, 1),
              "samples_per_s": round(samples / max(train_s, 1e-9), 1), "data_seconds": round(t_data, 1)}
     save(ckpt, final)
-    if vl is not None and vl < best_vl:
+    best_is_last = vl is not None and vl <= best_vl
+    if best_is_last:
         best_vl = vl
         save(best_path, final)
+    note = ("flow threshold with the best mean validation AP@0.5 of the packed validation split "
+            "(scripts/train_gpu.py)")
     if not args.no_val_ap and len(val):
         t0 = time.time()
         aps = val_ap(net, args.data, dev)
+        ap_s = time.time() - t0
         best_t = max(aps, key=lambda k: aps[k]["mean"])
-        final.update({"val_ap50": aps, "val_ap_seconds": round(time.time() - t0, 1)})
-        rec = {"flow_threshold": float(best_t)}
-        save(ckpt, {**final, "recommended_settings": rec,
-                    "recommended_settings_note": "flow threshold with the best mean validation AP@0.5 "
-                    "of the packed validation split (scripts/train_gpu.py)"})
+        final.update({"val_ap50": aps, "val_ap_seconds": round(ap_s, 1)})
+        save(ckpt, {**final, "recommended_settings": {"flow_threshold": float(best_t)},
+                    "recommended_settings_note": note})
+        if best_is_last:
+            save(best_path, {**final, "recommended_settings": {"flow_threshold": float(best_t)},
+                             "recommended_settings_note": note})
+        # the lowest-validation-loss checkpoint too, if it is another one and time allows
+        elif best_path.is_file() and \
+                (args.deadline is None or time.time() + 1.5 * ap_s + 10 < args.deadline):
+            bnet, bmeta = load_checkpoint(best_path)
+            baps = val_ap(bnet.to(dev), args.data, dev)
+            bt = max(baps, key=lambda k: baps[k]["mean"])
+            final["best_val_ap50"] = baps
+            bmeta = {k: v for k, v in bmeta.items() if k not in ("config", "format")}
+            save_checkpoint(bnet, best_path, {**bmeta, "val_ap50": baps, "recommended_settings":
+                                              {"flow_threshold": float(bt)},
+                                              "recommended_settings_note": note}, half=True)
     write_jsonl(log_path, {"t": round(time.time() - t_start, 1), "final": final})
     print(json.dumps({"final": final}), flush=True)
     return 0
