@@ -346,9 +346,11 @@ def val_loss(net, crops, autocast) -> float:
     return tot / max(1, len(x))
 
 
-def val_ap(net, packed: Path, device: torch.device, thresholds=(0.4, 0.6, 0.8), batch_size: int = 64) -> dict:
+def val_ap(net, packed: Path, device: torch.device, thresholds=(0.4, 0.6, 0.8), batch_size: int = 64,
+           deadline: float | None = None) -> dict:
     """AP@0.5 per set on the packed validation images, for each flow threshold (the library's
-    segmentation with defaults otherwise; flows computed once, thresholds on cached tracking)."""
+    segmentation with defaults otherwise; flows computed once, thresholds on cached tracking).
+    Thresholds after the first are skipped once one more would end past ``deadline`` (unix s)."""
     from pack_gpu_inputs import load_packed
 
     from cpsam_toolkit.metrics import average_precision
@@ -360,7 +362,12 @@ def val_ap(net, packed: Path, device: torch.device, thresholds=(0.4, 0.6, 0.8), 
     res = model.segment(imgs, normalize=False, batch_size=batch_size,
                         channel_axis=None, flow_threshold=thresholds[0])
     out: dict = {}
+    last = 0.0  # seconds the previous threshold took
     for t in thresholds:
+        t0 = time.time()
+        if out and deadline is not None and time.time() + last > deadline:
+            print(f"validation at flow threshold {t} skipped: deadline", flush=True)
+            continue
         per: dict[str, list[float]] = {}
         for it, r in zip(items, res):
             rr = r if t == thresholds[0] else r.recompute(flow_threshold=t)
@@ -369,6 +376,7 @@ def val_ap(net, packed: Path, device: torch.device, thresholds=(0.4, 0.6, 0.8), 
         groups = {g: round(float(np.mean(v)), 4) for g, v in per.items()}
         out[str(t)] = {"mean": round(float(np.mean(list(groups.values()))), 4), "groups": groups,
                        "n": {g: len(v) for g, v in per.items()}}
+        last = time.time() - t0
     return out
 
 
@@ -387,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=480.0, help="training wall-clock budget (s)")
     ap.add_argument("--deadline", type=float, default=None,
                     help="unix time by which everything (validation, files) must be done")
-    ap.add_argument("--reserve", type=float, default=75.0,
+    ap.add_argument("--reserve", type=float, default=90.0,
                     help="seconds kept before --deadline for the final validation and files")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -567,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
             "(scripts/train_gpu.py)")
     if not args.no_val_ap and len(val):
         t0 = time.time()
-        aps = val_ap(net, args.data, dev)
+        aps = val_ap(net, args.data, dev, deadline=args.deadline and args.deadline - 10)
         ap_s = time.time() - t0
         best_t = max(aps, key=lambda k: aps[k]["mean"])
         final.update({"val_ap50": aps, "val_ap_seconds": round(ap_s, 1)})
@@ -580,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         elif best_path.is_file() and \
                 (args.deadline is None or time.time() + 1.5 * ap_s + 10 < args.deadline):
             bnet, bmeta = load_checkpoint(best_path)
-            baps = val_ap(bnet.to(dev), args.data, dev)
+            baps = val_ap(bnet.to(dev), args.data, dev, deadline=args.deadline and args.deadline - 10)
             bt = max(baps, key=lambda k: baps[k]["mean"])
             final["best_val_ap50"] = baps
             bmeta = {k: v for k, v in bmeta.items() if k not in ("config", "format")}
