@@ -154,6 +154,10 @@ def pack_data(data: Path, split: dict, out: Path, diameter: float = 30.0,
     arrays: dict[str, np.ndarray] = {}
     summary: dict = {"split": split["file"], "diameter": diameter, "quant": QUANT, "groups": list(GROUPS),
                      "jpeg_quality": quality}
+    files = [f for g in GROUPS for f in (data / DATASETS[g] / "train").glob("*_classes.json")]
+    kinds = sorted({v for f in files for v in json.loads(f.read_text()).values()})
+    if kinds:  # class index k (1-based) = kinds[k - 1], the same in every image
+        summary["class_names"] = kinds
     for part in ("train", "val"):
         imgs, masks, rows, names, classes, class_off = [], [], [], [], [], [0]
         for gi, g in enumerate(GROUPS):
@@ -173,8 +177,6 @@ def pack_data(data: Path, split: dict, out: Path, diameter: float = 30.0,
                 if cj.is_file():  # CoNSeP: class index (1-based, sorted names) per instance id
                     # instance ids were kept (validate_labels renumbers only when ids have gaps)
                     cl = json.loads(cj.read_text())
-                    kinds = sorted(set(cl.values()))
-                    summary.setdefault("class_names", kinds)
                     for k, v in cl.items():
                         if int(k) < len(lut):
                             lut[int(k)] = 1 + kinds.index(v)

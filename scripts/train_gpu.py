@@ -102,6 +102,8 @@ class DeviceData:
     group: torch.Tensor
     quant: float
     names: list
+    cls: torch.Tensor | None = None  # (P,) uint8 class index (0 = background), class-labelled sets
+    class_names: tuple = ()
 
     def __len__(self) -> int:
         return len(self.h)
@@ -140,8 +142,17 @@ def load_device_data(path: Path, part: str, device: torch.device, threads: int =
     with ThreadPoolExecutor(max(1, threads)) as ex:
         list(ex.map(one, range(len(rows))))
     r = torch.from_numpy(rows).to(device)
+    cls, names = None, tuple(s.get("class_names") or ())
+    if names:  # per-pixel class index from the per-instance tables (CoNSeP)
+        luts, coff = z[f"{part}_classes"], z[f"{part}_class_off"]
+        c_flat = np.zeros(p, np.uint8)
+        for i in range(len(rows)):
+            lut = luts[coff[i]:coff[i + 1]]
+            m = masks_flat[poff[i]:poff[i + 1]]
+            c_flat[poff[i]:poff[i + 1]] = lut[np.minimum(m, len(lut) - 1)] if len(lut) else 0
+        cls = torch.from_numpy(c_flat).to(device)
     return DeviceData(img, flows, fg, torch.from_numpy(poff[:-1]).to(device), r[:, 2], r[:, 3], r[:, 1],
-                      r[:, 0], float(s["quant"]), [str(n) for n in z[f"{part}_names"]])
+                      r[:, 0], float(s["quant"]), [str(n) for n in z[f"{part}_names"]], cls, names)
 
 
 # ----------------------------------------------------------------------------- GPU augmentation
@@ -172,10 +183,12 @@ def _gather(flat: torch.Tensor, off, h, w, sy, sx, nearest: bool = False) -> tor
 
 
 def spatial_batch(data: DeviceData, idx: torch.Tensor, size: int, scale_range=(0.5, 2.0),
-                  rotate: bool = True, gen: torch.Generator | None = None, params: dict | None = None):
+                  rotate: bool = True, gen: torch.Generator | None = None, params: dict | None = None,
+                  with_classes: bool = False):
     """Random rotation/flip/zoom/crop of images ``idx``: (B,3,S,S) image in [0, ~1.3], (B,2,S,S)
     unit flows (vectors rotated with the image) and (B,S,S) foreground target.
 
+    ``with_classes`` adds the (B,S,S) class-index crops (nearest) as a fourth output.
     ``params`` fixes the maps instead (tensors of B: ``scale``, ``angle`` (rad), ``flip``
     (bool), ``shift_y``, ``shift_x`` (px)), as :func:`cpsam_toolkit.training.augment.make_affine`."""
     dev = data.img.device
@@ -213,7 +226,10 @@ def spatial_batch(data: DeviceData, idx: torch.Tensor, size: int, scale_range=(0
     fg = _gather(data.fg[:, None], off, h, w, sy, sx, nearest=True)[..., 0].float()
     fy, fx = fl[..., 0], fl[..., 1] * ff  # flows turn with the image: rot @ flip @ v
     flows = torch.stack([c * fy - s * fx, s * fy + c * fx], 1)
-    return img.permute(0, 3, 1, 2).contiguous(), flows * fg[:, None], fg
+    out = img.permute(0, 3, 1, 2).contiguous(), flows * fg[:, None], fg
+    if with_classes:
+        return (*out, _gather(data.cls[:, None], off, h, w, sy, sx, nearest=True)[..., 0].long())
+    return out
 
 
 def _renormalize(x: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
@@ -380,6 +396,78 @@ def val_ap(net, packed: Path, device: torch.device, thresholds=(0.4, 0.6, 0.8), 
     return out
 
 
+# ----------------------------------------------------------------------------- panoptic variant
+
+
+def train_panoptic_phase(net, train: DeviceData, val: DeviceData, args, seconds: float, path: Path,
+                         meta: dict, log_path: Path, autocast, gen) -> dict:
+    """Re-head ``net`` with background + class maps (:func:`cpsam_toolkit.panoptic.make_panoptic`)
+    and train it on the class-labelled set (CoNSeP) for ``seconds``: the segmentation loss plus
+    inverse-frequency weighted cross-entropy of the class maps (as
+    :class:`cpsam_toolkit.panoptic.ClassLoss`). Writes ``path``; returns a summary."""
+    from cpsam_toolkit.network.checkpoints import save_checkpoint
+    from cpsam_toolkit.panoptic import class_weights, make_panoptic
+    from cpsam_toolkit.training.loop import loss_fn
+
+    names = train.class_names[1:] if train.class_names[:1] == ("background",) else train.class_names
+    dev = train.img.device
+    pnet = make_panoptic(copy.deepcopy(net).float(), names).to(dev).train()
+    k = 1 + len(names)
+    sel = train.group == GROUPS.index("consep")
+    counts = np.zeros(k, np.int64)
+    for i in torch.nonzero(sel).flatten().tolist():
+        a, b = int(train.off[i]), int(train.off[i]) + int(train.h[i]) * int(train.w[i])
+        counts += torch.bincount(train.cls[a:b].long(), minlength=k).cpu().numpy()[:k]
+    wt = torch.as_tensor(class_weights(counts), device=dev)
+    opt = torch.optim.AdamW(pnet.parameters(), lr=args.lr * 0.5, weight_decay=args.weight_decay,
+                            fused=dev.type == "cuda")
+    vsel = torch.nonzero(val.group == GROUPS.index("consep")).flatten()
+    vcrops = None
+    if len(vsel):
+        vcrops = spatial_batch(val, vsel[:64], pnet.cfg.tile, (1.0, 1.0), rotate=False,
+                               gen=torch.Generator(device=dev).manual_seed(42), with_classes=True)
+    t0, samples, bs = time.time(), 0, args.batch_size
+    while (frac := (time.time() - t0) / seconds) < 1:
+        for g in opt.param_groups:
+            cosine = 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac))
+            g["lr"] = args.lr * 0.5 * min(1.0, frac / 0.05) * cosine
+        try:
+            with torch.no_grad():
+                idx = torch.multinomial(sel.float(), bs, replacement=True, generator=gen)
+                x, fl, fg, cl = spatial_batch(train, idx, pnet.cfg.tile, tuple(args.scale_range), gen=gen,
+                                              with_classes=True)
+                x = intensity_batch(x, train.c[idx], args.degrade_p, gen)
+            with autocast():
+                y = pnet(x)
+            loss = loss_fn(y, fl, fg) + F.cross_entropy(y[:, :k].float(), cl, weight=wt)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(pnet.parameters(), 1.0)
+            opt.step()
+            samples += bs
+        except torch.cuda.OutOfMemoryError:
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            bs = max(1, bs // 2)
+    res: dict = {"samples": samples, "seconds": round(time.time() - t0, 1), "class_names": list(names),
+                 "class_weights": [round(float(v), 4) for v in wt.cpu()]}
+    if vcrops is not None:
+        x, fl, fg, cl = vcrops
+        pnet.eval()
+        with torch.no_grad(), autocast():
+            y = pnet(x)
+        res["val_seg_loss"] = round(float(loss_fn(y, fl, fg)), 5)
+        res["val_class_loss"] = round(float(F.cross_entropy(y[:, :k].float(), cl, weight=wt)), 5)
+        res["val_pixel_class_accuracy"] = round(float((y[:, :k].argmax(1) == cl)[cl > 0].float().mean()), 4)
+    save_checkpoint(pnet, path, {**meta, "name": "cpsam_gpu_panoptic", "panoptic": res,
+                                 "note": "panoptic variant fine-tuned from cpsam_gpu on CoNSeP by "
+                                 "scripts/train_gpu.py --panoptic-seconds; evaluate with "
+                                 "scripts/train_panoptic_model.py"}, half=True)
+    write_jsonl(log_path, {"panoptic": res})
+    print(json.dumps({"panoptic": res}), flush=True)
+    return res
+
+
 # ----------------------------------------------------------------------------- main loop
 
 
@@ -414,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt-every", type=float, default=60.0)
     ap.add_argument("--log-every", type=float, default=10.0)
     ap.add_argument("--no-val-ap", action="store_true", help="skip the final AP validation")
+    ap.add_argument("--panoptic-seconds", type=float, default=0.0,
+                    help="after training, fine-tune the panoptic variant on CoNSeP for this long "
+                         "(taken from the training budget); writes cpsam_gpu_panoptic.pt")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -478,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
 
     end = time.time() + args.seconds
     if args.deadline is not None:
-        end = min(end, args.deadline - args.reserve)
+        pan = args.panoptic_seconds + 15 if args.panoptic_seconds else 0
+        end = min(end, args.deadline - args.reserve - pan)
     budget = max(1.0, end - time.time())
     meta = {"trained_with": "scripts/train_gpu.py", "data": str(args.data.name), "mix": MIX,
             "batch_size": args.batch_size, "lr": args.lr, "degrade_p": args.degrade_p,
@@ -595,6 +687,13 @@ def main(argv: list[str] | None = None) -> int:
             save_checkpoint(bnet, best_path, {**bmeta, "val_ap50": baps, "recommended_settings":
                                               {"flow_threshold": float(bt)},
                                               "recommended_settings_note": note}, half=True)
+    if args.panoptic_seconds > 0 and train.cls is not None:
+        left = args.panoptic_seconds if args.deadline is None else \
+            min(args.panoptic_seconds, args.deadline - 20 - time.time())
+        if left > 2:
+            final["panoptic"] = train_panoptic_phase(net, train, val, args, left,
+                                                     out / "cpsam_gpu_panoptic.pt", meta, log_path,
+                                                     autocast, gen)
     write_jsonl(log_path, {"t": round(time.time() - t_start, 1), "final": final})
     print(json.dumps({"final": final}), flush=True)
     return 0

@@ -97,6 +97,7 @@ def test_gpu_run_dry_run(packed: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "GPU_DIR": str(packed), "TINY": "1", "NO_INSTALL": "1",
            "PYTHON": sys.executable, "TOTAL_S": "900", "BENCH_S": "400", "TRAIN_S": "12",
+           "TRAIN_ARGS": "--panoptic-seconds 4",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh")], env=env, capture_output=True,
                        text=True, timeout=800)
@@ -120,6 +121,11 @@ def test_gpu_run_dry_run(packed: Path, tmp_path: Path) -> None:
         assert m.net.cfg.depth == 2  # tiny
     m = cp.load_model(out / "cpsam_gpu.pt", device="cpu")
     assert "flow_threshold" in m.info["recommended_settings"]
+    # the panoptic variant: background + the CoNSeP classes in front of the flows
+    m = cp.load_model(out / "cpsam_gpu_panoptic.pt", device="cpu")
+    assert m.net.cfg.class_names[0] == "background" and len(m.net.cfg.class_names) >= 3
+    assert m.net.cfg.nout == 3 + len(m.net.cfg.class_names)
+    assert final["panoptic"]["samples"] > 0
     # the docs table is made from these files, and docs/benchmarks.md has its place
     import gpu_results_to_docs as docs
 
