@@ -532,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cfg = choose_config(args.width, args.heads, args.depth, args.mlp_ratio, args.neck, tiny=args.tiny)
         net = CPSAMNet(cfg)
+    net.encoder.layer_drop = 0.0  # per-sample layer drop syncs with the host at every block
     net = net.to(dev).train()
     nparam = sum(p.numel() for p in net.parameters() if p.requires_grad)
     print(f"network: width {cfg.width}, depth {cfg.depth}, heads {cfg.heads}, mlp {cfg.mlp_ratio}, "
@@ -627,6 +628,11 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
+            if fwd is not net:  # torch.compile fails at the first call, not when asked
+                print("compiled network failed; continuing eager", flush=True)
+                fwd = net
+                opt.zero_grad(set_to_none=True)
+                continue
             write_jsonl(log_path, {"t": round(time.time() - t_start, 1),
                                    "error": f"{e.__class__.__name__}: {e}"})
             break
