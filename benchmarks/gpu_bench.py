@@ -211,11 +211,12 @@ def run(args: argparse.Namespace) -> dict:
     def load() -> None:
         from cellpose import models
 
-        w = Path(tempfile.mkdtemp()) / "vitl_random.pt"
-        make_weights(args.depth, w)
-        ref = models.CellposeModel(gpu=cuda, pretrained_model=str(w), use_bfloat16=cuda, device=dev)
-        ref.net.encoder.blocks = ref.net.encoder.blocks[: args.depth]
-        ours = cp.load_model(w, device=dev, dtype=dtype)
+        with tempfile.TemporaryDirectory() as d:
+            w = Path(d) / "vitl_random.pt"
+            make_weights(args.depth, w)
+            ref = models.CellposeModel(gpu=cuda, pretrained_model=str(w), use_bfloat16=cuda, device=dev)
+            ref.net.encoder.blocks = ref.net.encoder.blocks[: args.depth]
+            ours = cp.load_model(w, device=dev, dtype=dtype)
         state.update(ref=ref, ours=ours)
 
     def encoder() -> None:
