@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -163,3 +165,43 @@ def test_blank_tiles_skipped_give_the_same_output(data_dir):
     n = len(tiling.TilePlan.for_shape(x.shape[:2]))
     assert n == 8 and sum(tiles) == 3  # 2 tiles hold the nuclei, 6 are blank: 1 run
     np.testing.assert_array_equal(skipped, plain)
+
+
+# ---------------------------------------------------------------- memory over many runs
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_segmenting_100_images_in_a_loop_does_not_grow_memory(tiny_model, data_dir):
+    # a notebook loop: one model, 100 small real images, results dropped; after a warm-up
+    # (allocator pools, compiled kernels) the resident memory must stay flat
+    import gc
+
+    from conftest import load_pair, stems
+
+    import cpsam_toolkit as cp
+
+    model = cp.load_model(tiny_model, device="cpu")
+    dsb = "dsb2018_stage1_train_fixed"
+    imgs = []
+    for stem in stems(data_dir, dsb)[:10]:
+        im = load_pair(data_dir, dsb, stem)[0]
+        imgs.append((im if im.ndim == 2 else im[..., 0])[:128, :128])
+    for i in range(10):
+        model.segment(imgs[i % 10])
+    gc.collect()
+    start = _rss_mb()
+    peaks = []
+    for i in range(100):
+        res = model.segment(imgs[i % 10])
+        del res
+        if i % 20 == 19:
+            gc.collect()
+            peaks.append(_rss_mb())
+    growth = peaks[-1] - start
+    # MB; measured: 1.9 MB when the results are dropped, 17 MB when the loop keeps them
+    assert growth < 10, (start, peaks)
