@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from cpsam_toolkit._jit import jit
+from cpsam_toolkit._jit import jit, ready
 from cpsam_toolkit.device import one_cpu_thread, resolve_device
 from cpsam_toolkit.flows import _bboxes, _buckets, _crop_shapes, _gather_crops, object_pixel_flows
 
@@ -165,7 +165,7 @@ def _track(
     for t in range(niter):
         if dedupe and t == next_check and niter - t > 10:
             before = pt.shape[1]
-            if cpu and _dedupe_cpu is not None:
+            if cpu and ready(_dedupe_cpu):
                 remap, kept = _dedupe_cpu(pt.numpy())
                 pt, remap = pt.index_select(1, torch.from_numpy(kept)), torch.from_numpy(remap)
             else:
@@ -178,7 +178,7 @@ def _track(
         n = pt.shape[1]
         grid = pt.T.reshape(1, *([1] * (ndim - 1)), n, ndim)
         step = F.grid_sample(im, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        if cpu and _add_clip is not None:
+        if cpu and ready(_add_clip):
             _add_clip(pt.numpy(), step.numpy().reshape(ndim, n))
         elif cpu:
             p = pt.numpy()

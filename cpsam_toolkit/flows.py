@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from cpsam_toolkit._jit import jit
+from cpsam_toolkit._jit import jit, ready
 from cpsam_toolkit.device import one_cpu_thread, resolve_device
 
 __all__ = [
@@ -392,7 +392,7 @@ def diffusion_heat(
     n_iter = diffusion_iterations(starts, stops) if niter is None else int(niter)
     centres = object_centres(masks, labels, starts)
     kernel = _diffuse_jit.get(masks.ndim)
-    if dev.type == "cpu" and kernel is not None:
+    if dev.type == "cpu" and ready(kernel):
         if masks.dtype not in _JIT_DTYPES:  # one compiled variant per label dtype
             masks = masks.astype(np.int64)
         out = np.zeros(pshape, np.float32)

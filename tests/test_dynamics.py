@@ -9,7 +9,7 @@ import torch
 from conftest import load_pair, stems
 from scipy.optimize import linear_sum_assignment
 
-from cpsam_toolkit import dynamics
+from cpsam_toolkit import _jit, dynamics
 from cpsam_toolkit.dynamics import (
     compute_masks,
     fill_holes_and_remove_small_masks,
@@ -157,12 +157,12 @@ def test_follow_flows_in_chunks_with_or_without_numba_is_bit_exact(real_cases, m
     if not compiled:
         monkeypatch.setattr(dynamics, "_add_clip", None)
         monkeypatch.setattr(dynamics, "_dedupe_cpu", None)
-    elif dynamics._add_clip is None:
-        pytest.skip("numba is not installed")
+    elif not _jit.ready(dynamics._add_clip):
+        pytest.skip("numba is not available")
     assert torch.equal(follow_flows(step, inds, niter=200, device="cpu"), ref)
 
 
-@pytest.mark.skipif(dynamics._dedupe_cpu is None, reason="numba is not installed")
+@pytest.mark.skipif(not _jit.ready(dynamics._dedupe_cpu), reason="numba is not available")
 def test_compiled_merge_is_exact():
     rng = np.random.default_rng(0)
     pos = rng.integers(-3, 4, (2, 5000)).astype(np.float32) / 4  # many exact duplicates

@@ -87,7 +87,7 @@ def test_3d_matches_reference(data_dir):
     assert stats["mean_cos"] > 0.99999 and stats["p99_deg"] < 0.01, stats
 
 
-@pytest.mark.skipif(not _jit.available(), reason="numba is not installed")
+@pytest.mark.skipif(not _jit.ready(flows._diffuse_jit[2]), reason="numba is not available")
 @pytest.mark.parametrize("name", ["dsb_nuclei", "usiigaci_phase", "consep_touching", "embryo_3d"])
 def test_compiled_diffusion_gives_the_same_bits(real_masks, data_dir, monkeypatch, name):
     # the per-object numba kernels repeat the batched NumPy loop's float32 operations in order
