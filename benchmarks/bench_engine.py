@@ -86,6 +86,9 @@ def bench_dtype(dt: str, weights: Path, args: argparse.Namespace) -> list[tuple]
         t_ref, t_our = paired(lambda: ref.net(xr), lambda: ours.net(xo), args.reps)
         t_ref, t_our = (tuple(t / args.batch_size for t in ts) for ts in (t_ref, t_our))
     rows = [(f"network, one 256² tile ({dt}, batch {args.batch_size})", t_ref, t_our, "")]
+    warm = test_image(256)  # first calls: allocator pools, compiled kernels, caches
+    ref.eval(warm, batch_size=args.batch_size)
+    ours.segment(warm, batch_size=args.batch_size)
     for size in args.size:
         img = test_image(size)
         out = {}
