@@ -239,8 +239,8 @@ def follow_flows(
     if len(inds[0]) == 0:
         return torch.zeros((ndim, 0), dtype=torch.int32, device=dev)
     shape = dP.shape[1:]
-    im = torch.zeros((1, ndim, *shape), dtype=torch.float32, device=dev)
-    pt = torch.zeros((ndim, len(inds[0])), dtype=torch.float32, device=dev)
+    im = torch.empty((1, ndim, *shape), dtype=torch.float32, device=dev)
+    pt = torch.empty((ndim, len(inds[0])), dtype=torch.float32, device=dev)
     for n in range(ndim):  # x-first for grid_sample
         pt[ndim - n - 1] = torch.from_numpy(np.asarray(inds[n])).to(dev, torch.float32)
         im[0, ndim - n - 1] = torch.from_numpy(np.asarray(dP[n])).to(dev, torch.float32)
