@@ -33,8 +33,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..network.checkpoints import CheckpointError, atomic_save, load_state_strict, save_checkpoint
+from ..device import resolve_device
+from ..metrics import average_precision
+from ..network.checkpoints import (
+    CheckpointError,
+    atomic_save,
+    load_checkpoint,
+    load_state_strict,
+    save_checkpoint,
+)
 from ..network.model import CPSAMNet
+from ..segment import CellposeSAM
 from .augment import AugmentConfig, augment_sample, pad_channels, random_affine_crop
 from .data import TrainingSet
 from .recipes import Recipe, get_recipe
@@ -168,12 +177,6 @@ def validation_ap(net: CPSAMNet, data: TrainingSet, device: torch.device) -> dic
     Uses :mod:`cpsam_toolkit.segment` and :mod:`cpsam_toolkit.metrics`; returns ``{}`` (and
     warns) if they cannot run, so a training run never dies in validation.
     """
-    try:
-        from ..metrics import average_precision
-        from ..segment import CellposeSAM
-    except ImportError as e:  # pragma: no cover - only while the package is incomplete
-        print(f"cpsam train: AP validation unavailable ({e})", file=sys.stderr)
-        return {}
     was = net.training
     clone = copy.deepcopy(net).eval()  # segment() may convert dtype (bf16 on CUDA)
     try:
@@ -335,7 +338,6 @@ def train(
         its value is added to the segmentation loss (e.g. the class loss of
         :func:`cpsam_toolkit.panoptic.train_panoptic`). Not part of the validation loss.
     """
-    from ..device import resolve_device
 
     rec = get_recipe(recipe)
     over = {k: v for k, v in dict(epochs=epochs, lr=lr, batch_size=batch_size,
@@ -542,8 +544,6 @@ def train(
     if out is not None:
         src = run / "best.pt" if (va is not None and (run / "best.pt").exists()) else None
         if src is not None:
-            from ..network.checkpoints import load_checkpoint
-
             best_net, best_meta = load_checkpoint(src)
             m = {k: v for k, v in best_meta.items() if k not in ("config", "format")}
             m.update({"final_val": final, "best_val": best, "base_val": base, "epochs": done})
