@@ -50,7 +50,17 @@ from .preprocess import (
     percentile_lowhigh,
     to_channels_last,
 )
-from .segment import InputOptions, MaskOptions, NetOptions, SegmentationResult, load_model, masks_from_flows
+from .segment import (
+    InputOptions,
+    MaskOptions,
+    NetOptions,
+    SegmentationResult,
+    load_model,
+    masks_from_flows,
+    settings_from_options,
+    split_settings,
+)
+from .settings import Settings
 
 if TYPE_CHECKING:  # pragma: no cover
     from .segment import CellposeSAM, InputOptions, MaskOptions, NetOptions
@@ -662,6 +672,7 @@ def segment_blockwise(
     *,
     block_size: int = 2048,
     halo: int = 64,
+    settings: Settings | None = None,
     input_options: InputOptions | None = None,
     net_options: NetOptions | None = None,
     mask_options: MaskOptions | None = None,
@@ -688,18 +699,25 @@ def segment_blockwise(
     block_size, halo
         Core size of a block, and context added around it (>= 2 cell diameters). Output
         chunks are ``block_size`` squares.
+    settings
+        A :class:`~cpsam_toolkit.settings.Settings` (default: the model's ``settings``).
+        ``tile_norm_blocksize`` is not supported; ``max_size_fraction`` applies to each block's
+        crop.
     input_options, net_options, mask_options
-        As for :meth:`CellposeSAM.iter_segment`. ``tile_norm_blocksize`` is not supported;
-        ``max_size_fraction`` applies to each block's crop.
+        The older form (as for :meth:`CellposeSAM.iter_segment`), used when ``settings`` is
+        not given; stages not given take the model's settings.
     client
         A ``dask.distributed.Client``: blocks run as tasks (the workers need the input as a
         file; in-memory arrays are first copied into the temporary folder).
     """
 
     t0 = time.perf_counter()
-    inputs = input_options or InputOptions()
-    net = net_options or NetOptions()
-    masks = mask_options or MaskOptions()
+    if not hasattr(model, "iter_segment"):  # a name or path (a model object is used as is)
+        model = load_model(model, device=device, dtype=dtype)
+    if settings is None:
+        settings = settings_from_options(input_options, net_options, mask_options,
+                                         base=getattr(model, "settings", None))
+    inputs, net, masks = split_settings(settings)
     masks.validate()
     if inputs.tile_norm_blocksize:
         raise ValueError("tile_norm_blocksize is not supported blockwise (normalisation is global)")
@@ -712,8 +730,6 @@ def segment_blockwise(
     shape = source.shape2d
     blocks = plan_blocks(shape, block_size, halo)
     by_index = {b.index: b for b in blocks}
-    if not hasattr(model, "iter_segment"):  # a name or path (a model object is used as is)
-        model = load_model(model, device=device, dtype=dtype)
     lowhigh = global_lowhigh(source, inputs) if inputs.normalize else None
     settings = _Settings(
         inputs,

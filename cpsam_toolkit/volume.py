@@ -26,6 +26,7 @@ from .modes.volume import (  # noqa: F401
     prepare_volume,
     resample_z,
     segment_3d,
+    segment_planes,
     segment_stack_stitched,
     segment_volume,
     smooth_flows,

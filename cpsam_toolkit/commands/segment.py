@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import batch, blockwise, volume
 from ..io import find_images
-from ..segment import load_model, split_settings
+from ..segment import load_model
 from ..settings import Settings
 
 EPILOG = """\
@@ -79,6 +79,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
     g.add_argument("--dtype", default=None, help="auto (default: bf16 on CUDA, fp32 elsewhere), fp32, bf16")
     g.add_argument("--batch-size", type=_positive_int, default=None, help="tiles per network call (8)")
+    g.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                   help="GPU memory budget, e.g. 6GB: the largest batch that fits it is measured "
+                        "and used instead of --batch-size (CUDA only; out-of-memory errors always "
+                        "halve the batch and go on)")
 
     g = p.add_argument_group("input")
     g.add_argument("--channel-axis", type=int, default=None, help="axis of the channels (default: guessed)")
@@ -162,7 +166,8 @@ def _err(msg: str) -> int:
 _SETTING_ARGS = {
     "channel_axis": "channel_axis", "channels": "channels", "diameter": "diameter",
     "invert": "invert", "norm_percentile": "percentiles", "batch_size": "batch_size",
-    "augment": "augment", "tile_overlap": "tile_overlap", "flow_threshold": "flow_threshold",
+    "augment": "augment", "tile_overlap": "tile_overlap", "gpu_memory": "gpu_memory",
+    "flow_threshold": "flow_threshold",
     "cellprob_threshold": "cellprob_threshold", "min_size": "min_size",
     "max_size_fraction": "max_size_fraction", "niter": "niter",
 }
@@ -333,7 +338,6 @@ def _run_blockwise(args: argparse.Namespace, out_dir: Path, overrides: dict[str,
     print(f"model: {model.name} ({model.info.get('path', 'in memory')}) on {model.device}", file=sys.stderr)
     settings = model.settings.replace(**overrides)
     print_settings(settings)
-    inputs_o, net_o, masks_o = split_settings(settings)
     failed = n_objects = done = skipped = 0
     with _dask(args) as (client, _):
         for p in inputs:
@@ -346,8 +350,7 @@ def _run_blockwise(args: argparse.Namespace, out_dir: Path, overrides: dict[str,
             try:
                 res = blockwise.segment_blockwise(
                     p, model, target, block_size=args.block_size, halo=args.halo,
-                    input_options=inputs_o, net_options=net_o,
-                    mask_options=masks_o, overwrite=args.overwrite, client=client,
+                    settings=settings, overwrite=args.overwrite, client=client,
                     progress=not args.no_progress and sys.stderr.isatty(),
                 )
             except Exception as e:  # noqa: BLE001 - report and go on with the next input

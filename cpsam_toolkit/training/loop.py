@@ -44,6 +44,7 @@ from ..network.checkpoints import (
 )
 from ..network.model import CPSAMNet
 from ..segment import CellposeSAM
+from ..settings import Settings
 from .augment import AugmentConfig, augment_sample, pad_channels, random_affine_crop
 from .data import TrainingSet
 from .recipes import Recipe, get_recipe
@@ -171,8 +172,12 @@ def validation_loss(net: CPSAMNet, crops, device: torch.device, batch_size: int 
     return tot / n
 
 
-def validation_ap(net: CPSAMNet, data: TrainingSet, device: torch.device) -> dict[str, Any]:
-    """Mean per-image AP@0.5 of full-image segmentation (per group, and the mean of groups).
+def validation_ap(
+    net: CPSAMNet, data: TrainingSet, device: torch.device, settings: Settings | None = None
+) -> dict[str, Any]:
+    """Mean per-image AP@0.5 of full-image segmentation (per group, and the mean of groups),
+    with ``settings`` (default: the defaults; images are already normalised, so
+    ``normalize`` is always off).
 
     Uses :mod:`cpsam_toolkit.segment` and :mod:`cpsam_toolkit.metrics`; returns ``{}`` (and
     warns) if they cannot run, so a training run never dies in validation.
@@ -183,7 +188,8 @@ def validation_ap(net: CPSAMNet, data: TrainingSet, device: torch.device) -> dic
         model = CellposeSAM(clone, device=device, name="validation")
         per_group: dict[str, list[float]] = {}
         images = [np.moveaxis(s.image.astype(np.float32), 0, -1) for s in data.samples]
-        results = model.segment(images, normalize=False, batch_size=8)
+        s = (settings or Settings()).replace(normalize=False)
+        results = model.segment(images, s)
         for s, r in zip(data.samples, results):
             ap = average_precision(s.masks, np.asarray(r.masks), [0.5])[0]
             per_group.setdefault(s.group or "all", []).append(float(np.ravel(ap)[0]))
@@ -297,6 +303,7 @@ def train(
     progress: bool = True,
     meta: dict[str, Any] | None = None,
     aux_loss: Callable[[torch.Tensor, Sequence[int], list[np.ndarray]], torch.Tensor] | None = None,
+    settings: Settings | None = None,
 ) -> TrainResult:
     """Train (fine-tune, or from scratch) a Cellpose-SAM network.
 
@@ -337,6 +344,10 @@ def train(
         network output, the training-set indices of the batch and their augmented label crops;
         its value is added to the segmentation loss (e.g. the class loss of
         :func:`cpsam_toolkit.panoptic.train_panoptic`). Not part of the validation loss.
+    settings : Settings
+        The segmentation settings of the validation AP (default: the defaults). Values set in
+        them (not defaults) are stored in the model file as its ``recommended_settings``, so
+        ``load_model(out).settings`` gives them back.
     """
 
     rec = get_recipe(recipe)
@@ -420,7 +431,7 @@ def train(
             return {}
         res: dict[str, Any] = {"val_loss": validation_loss(net, val_crops, dev)}
         if with_ap and val_ap:
-            res.update(validation_ap(net, va, dev))
+            res.update(validation_ap(net, va, dev, settings))
         return res
 
     def score(v: dict[str, Any]) -> float | None:
@@ -441,10 +452,15 @@ def train(
     data_desc = {"train": tr.description, "n_train": len(tr), "val": va.description if va else None,
                  "n_val": len(va) if va else 0}
 
+    recommended = {}
+    if settings is not None and settings.non_default():
+        recommended = {"recommended_settings": {k: v for k, v in settings.to_dict().items()
+                                                if k in settings.non_default()}}
+
     def model_meta(kind: str, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
         return {"trained_with": "cpsam_toolkit.training", "recipe": rec.name, "recipe_params": rec.to_dict(),
                 "data": data_desc, "epochs": epoch, "checkpoint": kind, "val": metrics, "base_val": base,
-                "seed": seed, **(meta or {})}
+                "seed": seed, **recommended, **(meta or {})}
 
     if start == 0 and not base:
         t0 = time.time()
