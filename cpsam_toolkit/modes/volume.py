@@ -68,6 +68,7 @@ import numpy as np
 from .. import dynamics
 from ..core.options import InputOptions, MaskOptions, NetOptions, scale_niter, split_settings
 from ..core.postprocess import masks_from_flows, object_table, select_objects
+from ..core.result import SegmentationResult
 from ..metrics import label_overlap
 from ..preprocess import ImageInputError, check_finite, normalize, to_channels_last
 from ..settings import Settings
@@ -463,7 +464,7 @@ def masks_from_volume_flows(
 # results
 # --------------------------------------------------------------------------------------------
 @dataclass
-class VolumeResult:
+class VolumeResult(SegmentationResult):
     """Masks and network outputs of one volume.
 
     Attributes
@@ -478,13 +479,14 @@ class VolumeResult:
         Cell-probability logits (mean of the three views, or the plane's own in stitching mode).
     options : VolumeMaskOptions
         The post-processing that produced ``masks``.
+    info : dict
+        ``mode`` ("3d", "stitch" or "planes") and what the mode recorded.
+
+    The one result type (:class:`~cpsam_toolkit.core.result.SegmentationResult`) for volumes:
+    same ``masks``/``objects``/``select``; ``objects`` has ``volume`` and ``centroid_z``.
     """
 
-    masks: np.ndarray
-    flows: np.ndarray
-    cellprob: np.ndarray
-    options: VolumeMaskOptions = field(default_factory=VolumeMaskOptions)
-    name: str | None = None
+    options: VolumeMaskOptions = field(default_factory=VolumeMaskOptions)  # type: ignore[assignment]
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -501,7 +503,7 @@ class VolumeResult:
         """Only some objects: ``keep`` is one boolean per object or the labels to keep; masks
         are relabelled 1..M and ``objects`` holds the same rows."""
         masks, table = select_objects(self.masks, self.objects, keep)
-        new = VolumeResult(masks, self.flows, self.cellprob, self.options, self.name, dict(self.info))
+        new = VolumeResult(masks, self.flows, self.cellprob, self.options, self.name, info=dict(self.info))
         new.__dict__["objects"] = table
         return new
 
@@ -514,7 +516,7 @@ class VolumeResult:
             masks = _masks_stitched(self.flows, self.cellprob, opts)
         else:
             masks = masks_from_volume_flows(self.flows, self.cellprob, opts)
-        return VolumeResult(masks, self.flows, self.cellprob, opts, self.name, dict(self.info))
+        return VolumeResult(masks, self.flows, self.cellprob, opts, self.name, info=dict(self.info))
 
 
 def object_table_3d(masks: np.ndarray, cellprob: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -650,7 +652,7 @@ def segment_volume(
     del vol
     masks = masks_from_volume_flows(flows, cellprob, opts)
     info = {"mode": "3d", "combine": combine, "nz_net": network_depth(masks.shape[0], aniso)}
-    return VolumeResult(masks, flows, cellprob, opts, name, info)
+    return VolumeResult(masks, flows, cellprob, opts, name, info=info)
 
 
 # --------------------------------------------------------------------------------------------
@@ -797,7 +799,7 @@ def segment_stack_stitched(
         cellprob[z] = p
     del vol
     masks = _masks_stitched(flows, cellprob, opts)
-    return VolumeResult(masks, flows, cellprob, opts, name, {"mode": "stitch"})
+    return VolumeResult(masks, flows, cellprob, opts, name, info={"mode": "stitch"})
 
 
 def segment_planes(
@@ -864,7 +866,8 @@ def segment_planes(
         labels = labels.astype(np.uint16)
     opts = VolumeMaskOptions(masks.cellprob_threshold, int(masks.min_size), masks.max_size_fraction,
                              masks.niter, 0.0, 1.0, 0.0, masks.flow_threshold, inputs.diameter)
-    out = VolumeResult(labels, flows, cellprob, opts, name, {"mode": "planes", "class_names": classes})
+    out = VolumeResult(labels, flows, cellprob, opts, name,
+                       info={"mode": "planes", "class_names": classes})
     table = object_table(labels, None, cellprob)
     for k, parts in extra.items():
         table[k] = np.concatenate(parts)
