@@ -671,3 +671,19 @@ def test_shipped_model_counts_close_to_ground_truth(data_dir):
 def test_env_has_no_gui():
     """The tests run headless: wx must not have been imported by anything."""
     assert "wx" not in sys.modules
+
+
+def test_model_recommended_settings_are_used_unless_switched_off():
+    """At the module's defaults the model's recommended values win; with the switch off (how
+    older pipelines load) the module's own values are used."""
+    model, _ = rcs.get_model(rcs.shipped_model_name(), "cpu")
+    rec = (model.info.get("recommended_settings") or {}).get("flow_threshold")
+    module = new_module()
+    s = module.library_settings(model, None)
+    if rec is not None:
+        assert s.flow_threshold == rec and s.sources["flow_threshold"] == "model"
+    assert s.min_size == 0 and s.batch_size == module.batch_size.value  # sizes filtered here
+    module.use_model_settings.value = False
+    s = module.library_settings(model, -1)
+    assert s.flow_threshold == module.flow_threshold.value and s.sources["flow_threshold"] != "model"
+    assert s.channel_axis == -1
