@@ -11,6 +11,13 @@ filling.
 
     python benchmarks/bench_viewer.py              # phase-contrast cells and nuclei, 1024²
     python benchmarks/bench_viewer.py --threads 1
+    python benchmarks/bench_viewer.py --examples --reps 3   # the bundled examples, shipped model
+
+``--examples``: the four bundled example images segmented once by the shipped model (network
+outputs of a real, weak model), then every slider of the viewer moved to new values, as a user
+drags them: the cell-probability slider (probability 0.1 … 0.9, i.e. logit -2.2 … 2.2), the
+flow-threshold slider and the (log) minimum-size slider. Ours only (the reference has no viewer);
+each time is the median over ``--reps`` fresh viewers (no cache hits).
 """
 
 from __future__ import annotations
@@ -63,12 +70,59 @@ def images() -> dict[str, np.ndarray]:
             "nuclei mosaic (16 DSB crops)": np.concatenate(rows, 0)}
 
 
+def bench_examples(reps: int) -> None:
+    """Slider latencies on the bundled examples with the shipped model (a markdown table)."""
+    from cpsam_toolkit.io import imread
+    from cpsam_toolkit.widgets import Viewer
+    from cpsam_toolkit.widgets._base import logit
+    from cpsam_toolkit.widgets.demo import example_images, notebook_model
+
+    model = notebook_model()
+    probs = [0.3, 0.7, 0.1, 0.9, 0.5]  # drag stops of the cell-probability slider
+    flows = [0.4, 1.2, 0.6]
+    sizes = [5, 60, 300]
+    print("| example | size | objects | cell probability (new value) | flow threshold | min size |")
+    print("|---|---|---|---|---|---|")
+    for path in example_images():
+        image = imread(path)
+        result = model.segment(image, **(model.info.get("recommended_settings") or {}))
+        t_cp, t_fl, t_ms = [], [], []
+        for _ in range(reps):
+            v = Viewer(image, result=result.recompute(), background=False)  # a fresh cache
+            v.result._stages.clear()
+            for p in probs:
+                t = time.perf_counter()
+                v.recompute(cellprob_threshold=round(logit(p), 3))
+                t_cp.append(time.perf_counter() - t)
+            for f in flows:
+                t = time.perf_counter()
+                v.recompute(flow_threshold=f)
+                t_fl.append(time.perf_counter() - t)
+            for m in sizes:
+                t = time.perf_counter()
+                v.recompute(min_size=m)
+                t_ms.append(time.perf_counter() - t)
+
+        def fmt(ts: list[float]) -> str:
+            return f"{statistics.median(ts) * 1e3:.0f} ms (max {max(ts) * 1e3:.0f})"
+
+        print(f"| {path.stem} | {image.shape[0]}×{image.shape[1]} | {result.n_objects} | {fmt(t_cp)} | "
+              f"{fmt(t_fl)} | {fmt(t_ms)} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--examples", action="store_true", help="the bundled examples with the shipped model")
+    ap.add_argument("--reps", type=int, default=3, help="fresh viewers per example (--examples)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.examples:
+        print(f"machine: {platform.processor() or platform.machine()}, {args.threads} torch threads, "
+              f"load average {', '.join(f'{x:.1f}' for x in __import__('os').getloadavg())}")
+        bench_examples(args.reps)
+        return
 
     from cpsam_toolkit.segment import MaskOptions, SegmentationResult, masks_from_flows
     from cpsam_toolkit.widgets import Viewer

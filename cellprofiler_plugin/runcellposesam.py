@@ -44,6 +44,9 @@ Measurements made by this module
 -  *CellposeSAM_ModelVersion_<objects>:* the cpsam-toolkit version and the
    first digits of the SHA-256 of the weights, so results can be traced
    to the exact model.
+-  *CellposeSAM_Settings_<objects>:* how to repeat the run: the model, the
+   full SHA-256 of its weights, the settings and the equivalent
+   ``cpsam segment`` command (one JSON text).
 
 **Object measurements:**
 
@@ -130,6 +133,7 @@ _DEVICE_ARG = {DEVICE_AUTO: "auto", DEVICE_CPU: "cpu", DEVICE_GPU: "gpu"}
 C_CELLPOSESAM = "CellposeSAM"
 FTR_MODEL = "Model"
 FTR_MODEL_VERSION = "ModelVersion"
+FTR_SETTINGS = "Settings"  # JSON: model, SHA-256, settings, the `cpsam segment` command
 FTR_MEAN_CELLPROB = "MeanCellProb"
 FTR_FLOW_ERROR = "FlowError"
 M_MEAN_CELLPROB = f"{C_CELLPOSESAM}_{FTR_MEAN_CELLPROB}"
@@ -583,6 +587,8 @@ class RunCellposeSAM(ImageSegmentation):
     def get_measurement_columns(self, pipeline, object_name=None):
         columns = list(super().get_measurement_columns(pipeline))
         columns += [(IMAGE, name, COLTYPE_MODEL_STRING) for name in self._image_features()]
+        columns.append((IMAGE, f"{C_CELLPOSESAM}_{FTR_SETTINGS}_{self.y_name.value}",
+                        COLTYPE_VARCHAR_FORMAT % 4000))
         obj = self.y_name.value
         if self.wants_confidence:
             columns += [(obj, M_MEAN_CELLPROB, COLTYPE_FLOAT), (obj, M_FLOW_ERROR, COLTYPE_FLOAT)]
@@ -616,7 +622,7 @@ class RunCellposeSAM(ImageSegmentation):
             return list(super().get_measurements(pipeline, object_name, category)) + class_objects
         if category == C_CELLPOSESAM:
             if object_name == IMAGE:
-                return [FTR_MODEL, FTR_MODEL_VERSION]
+                return [FTR_MODEL, FTR_MODEL_VERSION, FTR_SETTINGS]
             if object_name == self.y_name.value:
                 conf = [FTR_MEAN_CELLPROB, FTR_FLOW_ERROR] if self.wants_confidence else []
                 return conf + self._class_features()
@@ -625,7 +631,7 @@ class RunCellposeSAM(ImageSegmentation):
 
     def get_measurement_images(self, pipeline, object_name, category, measurement):
         if object_name == IMAGE and category == C_CELLPOSESAM and \
-                measurement in (FTR_MODEL, FTR_MODEL_VERSION):
+                measurement in (FTR_MODEL, FTR_MODEL_VERSION, FTR_SETTINGS):
             return [self.y_name.value]
         return []
 
@@ -781,6 +787,8 @@ class RunCellposeSAM(ImageSegmentation):
         f_model, f_version = self._image_features()
         m.add_image_measurement(f_model, model_name)
         m.add_image_measurement(f_version, model_version)
+        m.add_image_measurement(f"{C_CELLPOSESAM}_{FTR_SETTINGS}_{obj}",
+                                self._settings_record(model, volumetric, settings))
 
         n_kept = len(kept_table["label"])
         if self.wants_confidence:
@@ -854,6 +862,25 @@ class RunCellposeSAM(ImageSegmentation):
         except PackageNotFoundError:  # run from a source checkout
             toolkit = getattr(sys.modules.get("cpsam_toolkit"), "__version__", "unknown")
         return name[:255], f"cpsam-toolkit {toolkit}; weights sha256 {sha}"[:255]
+
+    def _settings_record(self, model, volumetric, used) -> str:
+        """How to repeat this run (cpsam_toolkit.outputs.run_record), '' with an old toolkit;
+        ``used``: the library Settings of the run (the model's values where they applied)."""
+        settings = dict(
+            flow_threshold=used.flow_threshold,
+            cellprob_threshold=used.cellprob_threshold,
+            min_size=int(self.min_size.value),
+            diameter=used.diameter,
+            do_3d=bool(volumetric and self.do_3d),
+            anisotropy=float(self.anisotropy.value) if volumetric and self.do_3d else None,
+        )
+        if used.augment:
+            settings["augment"] = True
+        try:
+            from cpsam_toolkit.outputs import run_record
+        except ImportError:
+            return ""
+        return run_record(settings, model)
 
     def post_run(self, workspace):
         # models stay cached for the next run in this process; only cached GPU blocks go back

@@ -38,7 +38,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,8 +46,9 @@ import numpy as np
 import tifffile
 
 from . import outputs as out
+from .cellpose_files import save_seg_npy
 from .device import resolve_device, resolve_dtype
-from .io import ImageReadError, find_images, imread, write_atomic
+from .io import ImageReadError, find_images, imread, input_stat, write_atomic
 from .model_cache import get_model, model_loads  # noqa: F401 - model_loads: for client.run
 from .modes.panoptic import save_classes_json
 from .modes.volume import segment_3d
@@ -84,6 +85,8 @@ class OutputOptions:
     rois: bool = False  # _rois.zip (ImageJ)
     table: bool = False  # _objects.csv
     summary: bool = False  # per-image statistics in the manifest (for summary.csv)
+    npy: bool = False  # _seg.npy for the cellpose GUI (cpsam_toolkit.cellpose_files)
+    zarr: Any = None  # cpsam_toolkit.omezarr.LabelTarget: labels of OME-Zarr inputs
 
     def kinds(self) -> list[str]:
         k = ["masks"]
@@ -95,6 +98,10 @@ class OutputOptions:
             k.append("rois")
         if self.table:
             k.append("table")
+        if self.npy:
+            k.append("npy")
+        if self.zarr is not None:
+            k.append("zarr_labels")
         return k
 
 
@@ -137,7 +144,7 @@ class ImageJob:
     def from_path(cls, path: str | os.PathLike, stem: str | None = None) -> ImageJob:
         p = Path(path)
         try:
-            st = p.stat()
+            st = input_stat(p)  # an OME-Zarr image: its metadata file, not the folder
             size, mtime = st.st_size, st.st_mtime_ns
         except OSError:
             size, mtime = -1, -1
@@ -343,6 +350,15 @@ def write_outputs(
             written.append(p)
         else:  # no objects: no zip, and no stale one from an earlier run
             out.output_path(out_dir, job.stem, "rois").unlink(missing_ok=True)
+    if o.npy:
+        written.append(save_seg_npy(
+            out.output_path(out_dir, job.stem, "npy"), res, filename=str(Path(job.path).resolve()),
+            diameter=settings.inputs.diameter, settings={**asdict(settings.inputs), **asdict(settings.masks)},
+        ))
+    if o.zarr is not None:  # OME-Zarr input: labels/<name> in the plate (cpsam_toolkit.omezarr)
+        p = o.zarr.write(job.stem, job.path, res.masks, res.objects, out_dir)
+        if p is not None:
+            written.append(p)
     summary = None
     if o.table or o.summary:
         objects = res.objects
@@ -857,7 +873,7 @@ def run_plate(
     out_dir = check_out_dir(out_dir)
     outputs = outputs or OutputOptions()
     if summary and not outputs.summary:
-        outputs = OutputOptions(outputs.flows, outputs.outlines, outputs.rois, outputs.table, True)
+        outputs = replace(outputs, summary=True)
     given = {k: v for o in (input_options, net_options, mask_options) if o is not None
              for k, v in asdict(o).items()}
     given.update(overrides or {})

@@ -12,7 +12,7 @@ import sys
 
 from . import __version__
 
-COMMANDS = ("segment", "evaluate", "train", "models")
+COMMANDS = ("segment", "evaluate", "train", "models", "cellprofiler", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,6 +30,15 @@ def imread(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"{path}: no such file")
+    if path.is_dir():
+        from . import omezarr
+
+        if omezarr.is_image(path):  # an OME-Zarr image group (e.g. one field of a plate)
+            try:
+                return omezarr.read_image(path)
+            except Exception as e:  # noqa: BLE001 - any reading failure names the image
+                raise ImageReadError(f"{path}: cannot read the OME-Zarr image "
+                                     f"({e.__class__.__name__}: {e})") from None
     if not path.is_file():
         raise ImageReadError(f"{path}: not a file")
     if not os.access(path, os.R_OK):
@@ -40,12 +49,18 @@ def imread(path: str | os.PathLike) -> np.ndarray:
     try:
         if ext in (".tif", ".tiff"):
             arr = tifffile.imread(path)
-        elif ext == ".npy":
-            arr = np.load(path, allow_pickle=False)
+        elif ext == ".npy":  # a pickled object (cellpose _seg.npy) is read without running code
+            from .cellpose_files import check_seg, load_plain_npy, masks_of
+
+            arr = load_plain_npy(path)
+            if not isinstance(arr, np.ndarray):  # a cellpose _seg.npy: its labels
+                arr = masks_of(check_seg(arr, path))
         else:
             import imageio.v3 as iio
 
             arr = iio.imread(path)
+    except ImageReadError:
+        raise
     except ModuleNotFoundError as e:
         raise ImageReadError(f"{path}: reading {ext} files needs the '{e.name}' package") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
@@ -84,7 +99,11 @@ def find_images(
     for item in inputs:
         item = str(item)
         p = Path(item)
-        if p.is_dir():
+        if p.is_dir() and _is_ome_zarr(p):  # an OME-Zarr plate or image: its image groups
+            from .omezarr import find_images as zarr_images
+
+            found += zarr_images(p)
+        elif p.is_dir():
             it = p.rglob("*") if recursive else p.iterdir()
             found += sorted(
                 f
@@ -111,6 +130,25 @@ def find_images(
             seen.add(key)
             out.append(f)
     return out
+
+
+def _is_ome_zarr(path: Path) -> bool:
+    from .omezarr import is_ome_zarr
+
+    return is_ome_zarr(path)
+
+
+def input_stat(path: str | os.PathLike) -> os.stat_result:
+    """``stat`` of an input: the file, or an OME-Zarr image's metadata file (the folder's own
+    time changes when labels are written into it)."""
+    p = Path(path)
+    if p.is_dir():
+        from .omezarr import metadata_file
+
+        meta = metadata_file(p)
+        if meta is not None:
+            return meta.stat()
+    return p.stat()
 
 
 def _current_umask() -> int:

@@ -17,7 +17,7 @@ import io as _io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -36,6 +36,7 @@ OUTPUT_SUFFIXES = {
     "outlines": "_outlines.png",
     "rois": "_rois.zip",
     "table": "_objects.csv",
+    "npy": "_seg.npy",  # for the cellpose GUI (cpsam_toolkit.cellpose_files)
 }
 
 #: column order of the per-object table
@@ -322,3 +323,171 @@ def summary_row(stem: str, objects: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 
 SUMMARY_COLUMNS = ("stem", "count", "mean_area", "mean_confidence", "mean_flow_error")
+
+
+# --------------------------------------------------------------------------------------------
+# how to repeat a run
+# --------------------------------------------------------------------------------------------
+class RepeatCommand(NamedTuple):
+    """The same segmentation as a ``cpsam segment`` command line and as a Python call."""
+
+    cli: str
+    python: str
+
+    def __str__(self) -> str:
+        return f"{self.cli}\n\n{self.python}"
+
+
+#: setting name → ``cpsam segment`` flag; settings given by value ``None`` are left out
+_CLI_FLAGS = {
+    "channel_axis": "--channel-axis", "channels": "--channels", "diameter": "--diameter",
+    "percentiles": "--norm-percentile", "batch_size": "--batch-size",
+    "tile_overlap": "--tile-overlap", "flow_threshold": "--flow-threshold",
+    "cellprob_threshold": "--cellprob-threshold", "min_size": "--min-size",
+    "max_size_fraction": "--max-size-fraction", "niter": "--niter", "z_axis": "--z-axis",
+    "anisotropy": "--anisotropy", "stitch_threshold": "--stitch-threshold",
+    "flow3d_smooth": "--flow3d-smooth",
+}
+_CLI_SWITCHES = {"invert": "--invert", "augment": "--augment", "do_3d": "--do-3d"}
+#: written even when equal to today's CLI default (defaults may come from the model)
+_ALWAYS = ("flow_threshold", "cellprob_threshold", "min_size")
+#: left out of the Python call when equal (the library's defaults)
+_PY_DEFAULTS = {"normalize": True, "invert": False, "tile_norm_blocksize": 0, "batch_size": 8,
+                "tile_overlap": 0.1, "augment": False, "percentiles": (1.0, 99.0),
+                "max_size_fraction": 0.4, "do_3d": False, "flow3d_smooth": 0.0,
+                "stitch_threshold": 0.0, "progress": False}
+_CLI_DEFAULTS = {"percentiles": (1.0, 99.0), "batch_size": 8, "tile_overlap": 0.1,
+                 "max_size_fraction": 0.4, "stitch_threshold": 0.0, "flow3d_smooth": 0.0}
+
+
+def settings_dict(settings: Any) -> dict[str, Any]:
+    """Plain ``{name: value}`` of a settings object (``to_dict()``), dataclass(es) (e.g.
+    ``InputOptions``/``MaskOptions``), a mapping of keyword arguments, or a sequence of these."""
+    from dataclasses import asdict, is_dataclass
+
+    if settings is None:
+        return {}
+    if isinstance(settings, Mapping):
+        d = dict(settings)
+    elif hasattr(settings, "to_dict"):
+        d = dict(settings.to_dict())
+    elif is_dataclass(settings) and not isinstance(settings, type):
+        d = asdict(settings)
+    elif isinstance(settings, (list, tuple)):
+        d = {}
+        for s in settings:
+            d.update(settings_dict(s))
+    else:
+        raise TypeError(f"cannot read settings from a {type(settings).__name__}; pass a Settings "
+                        "object, option dataclasses or a dict of keyword arguments")
+    d.pop("sources", None)
+    return d
+
+
+def _model_ref(model: Any) -> tuple[str | None, str | None]:
+    """(name or path to pass as ``--model``, SHA-256 if known) of a model, name or path."""
+    if model is None:
+        return None, None
+    if isinstance(model, (str, os.PathLike)):
+        return os.fspath(model), None
+    info = getattr(model, "info", None) or {}
+    name = getattr(model, "name", None)
+    path = info.get("path")
+    from .network.registry import REGISTRY
+
+    ref = name if name in REGISTRY else (path or name)
+    return (os.fspath(ref) if ref is not None else None), info.get("sha256")
+
+
+def repeat_command(
+    settings: Any, model: Any = None, *, inputs: str = "IMAGES", out: str = "OUT"
+) -> RepeatCommand:
+    """How to run the same segmentation again: a ``cpsam segment`` command and a Python call.
+
+    Parameters
+    ----------
+    settings
+        The settings used: a ``Settings`` object, ``InputOptions``/``NetOptions``/``MaskOptions``
+        (or a list of them), or a dict of :meth:`CellposeSAM.segment` keyword arguments.
+    model
+        The loaded model, a registry name or a weights path (``None``: the default model).
+    inputs, out
+        What to write for the images and the output folder in the command.
+
+    Settings with no command-line flag (e.g. ``tile_norm_blocksize``) appear only in the
+    Python call, and the command says so in a trailing comment.
+    """
+    import shlex
+
+    d = settings_dict(settings)
+    ref, sha = _model_ref(model)
+    args = ["cpsam", "segment", inputs, "--out", out]
+    if ref is not None:
+        args += ["--model", ref]
+    left_out = []
+    # one canonical order (input, network, masks, volumes), whatever order the settings came in
+    order = ("channel_axis", "channels", "normalize", "percentiles", "invert", "tile_norm_blocksize",
+             "diameter", "batch_size", "tile_overlap", "augment", "gpu_memory", "flow_threshold",
+             "cellprob_threshold", "min_size", "max_size_fraction", "niter", "do_3d", "z_axis",
+             "anisotropy", "flow3d_smooth", "stitch_threshold")
+    d = {k: d[k] for k in sorted(d, key=lambda k: (order.index(k) if k in order else len(order), k))}
+    for key, value in d.items():
+        if key in _CLI_SWITCHES:
+            if value:
+                args.append(_CLI_SWITCHES[key])
+        elif key == "normalize":
+            if value is False:
+                args.append("--no-norm")
+        elif key in _CLI_FLAGS:
+            if value is None or (key not in _ALWAYS and _CLI_DEFAULTS.get(key) == _norm(value)):
+                continue
+            if key == "channels":
+                args += [_CLI_FLAGS[key], ",".join(str(int(c)) for c in value)]
+            elif key == "percentiles":
+                args += [_CLI_FLAGS[key], *(f"{float(v):g}" for v in value)]
+            else:
+                args += [_CLI_FLAGS[key], f"{value:g}" if isinstance(value, float) else str(value)]
+        elif value not in (None, False):
+            left_out.append(f"{key}={value!r}")
+    cli = shlex.join(args)
+    if sha:
+        cli += f"  # weights sha256 {sha}"
+    if left_out:
+        cli += ("  #" if not sha else ";") + " not on the command line: " + ", ".join(left_out)
+    kwargs = ", ".join(f"{k}={_norm(v)!r}" for k, v in d.items() if v is not None and (
+        k in _ALWAYS or _PY_DEFAULTS.get(k, object()) != _norm(v)))
+    load = f"cp.load_model({ref!r})" if ref is not None else "cp.load_model()"
+    python = (f"import cpsam_toolkit as cp\n\nmodel = {load}\n"
+              f"result = model.segment(image{', ' if kwargs else ''}{kwargs})")
+    return RepeatCommand(cli, python)
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, list):
+        return tuple(_norm(x) for x in v)
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def run_record(settings: Any, model: Any = None) -> str:
+    """One JSON line that says how a result was made: model (name, path, SHA-256), every
+    setting and the equivalent ``cpsam segment`` command (CellProfiler image measurement)."""
+    import json
+
+    ref, sha = _model_ref(model)
+    info = getattr(model, "info", None) or {}
+    if sha is None and info.get("path") and os.path.isfile(info["path"]):
+        from .network.registry import sha256_file
+
+        sha = sha256_file(info["path"])
+    try:
+        from importlib.metadata import version
+
+        toolkit = version("cpsam-toolkit")
+    except Exception:  # noqa: BLE001 - a source checkout that is not installed
+        toolkit = "unknown"
+    rec = {"model": ref, "sha256": sha, "cpsam_toolkit": toolkit,
+           "settings": {k: _norm(v) for k, v in settings_dict(settings).items()},
+           "cli": repeat_command(settings, model).cli.split("  #")[0]}
+    return json.dumps(rec, default=str, separators=(",", ":"))

@@ -184,10 +184,7 @@ def segment_panoptic(model: Any, image: Any, **kwargs: Any) -> PanopticResult | 
 
 def default_model_name() -> str:
     """``cpsam_v2`` if present locally, then ``cpsam``, else the shipped small model."""
-    for name in ("cpsam_v2", "cpsam"):
-        if registry.find_cached(name) is not None:
-            return name
-    return "cpsam_toolkit_small"
+    return registry.cached_default() or registry.DEFAULT_MODEL
 
 
 def load_model(
@@ -197,8 +194,9 @@ def load_model(
 ) -> CellposeSAM:
     """Load a Cellpose-SAM model by registry name or file path.
 
-    With no name: ``cpsam_v2`` if its file is present locally, then ``cpsam``, else the small
-    model shipped inside this package. The choice is logged and kept in ``model.name``.
+    With no name: ``cpsam_v2`` (or ``cpsam``) if present locally, else ``cpsam_v2`` downloaded,
+    else -- offline or unreachable only -- the small model shipped inside this package, with one
+    line saying so (:func:`cpsam_toolkit.network.registry.choose_default_model`).
     Official files (``cpsam``, ``cpsam_v2``) are downloaded on first use into ``$CPSAM_HOME``
     (default ``~/.cache/cpsam``); files already in ``~/.cellpose/models`` are used.
     Settings that a model file recommends (``info["recommended_settings"]``, e.g. the shipped
@@ -206,9 +204,9 @@ def load_model(
     unless the caller sets a value; they are logged here.
     """
     if name_or_path is None:
-        name = default_model_name()
-        path = registry.resolve_weights(name, download=False)
-        log.warning("cpsam: no model named; using %r (%s)", name, path)
+        choice = registry.choose_default_model()  # published model, else shipped + why
+        name, path = choice.name, choice.path
+        log.warning("%s", choice.message or f"cpsam: no model named; using {name!r} ({path})")
     elif isinstance(name_or_path, Path) or Path(str(name_or_path)).exists():
         path = Path(name_or_path)
         name = path.name

@@ -15,8 +15,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP="$VENV/bin/python -m pip"
 
-echo "[setup] installing cpsam-toolkit with extras dev, cellprofiler, jupyter, distributed"
-$PIP install -q -e ".[dev,cellprofiler,jupyter,distributed]"
+echo "[setup] installing cpsam-toolkit with extras dev, cellprofiler, jupyter, distributed, omezarr"
+$PIP install -q -e ".[dev,cellprofiler,jupyter,distributed,omezarr]"
 
 # the headless `cellprofiler` CLI (GUI-less): see cellprofiler_plugin/README.md
 if [ -f scripts/install_cellprofiler_cli.sh ]; then

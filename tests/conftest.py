@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 import tifffile
 
+# Tests never reach the real model server: with no model named, the shipped one is used.
+# (tests/test_registry.py clears this and downloads from a server on 127.0.0.1.)
+os.environ.setdefault("CPSAM_OFFLINE", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 DSB = "dsb2018_stage1_train_fixed"
 DATA = Path(os.environ.get("CPSAM_DATA", ROOT.parent / "shared" / "data"))

@@ -4,7 +4,9 @@ A JupyterLab server is started on 127.0.0.1 (free port, token, --no-browser) wit
 root holding a small notebook; headless Chromium opens it, runs all cells, waits for the canvas
 widget, paints a stroke with the mouse, checks the canvas pixels and the hover read-out, presses
 the widget's Save button and reads the saved mask file; then undoes with ctrl+z on the canvas and
-saves again. Screenshots go to ``test-artifacts/browser/``.
+saves again; draws a closed outline that fills itself; types a contrast value and sees the
+canvas change; and saves the viewer's masks into a folder typed into its "save to" box.
+Screenshots go to ``test-artifacts/browser/``.
 
 Needs /usr/bin/chromium (``scripts/install_browser.sh``) and the ``jupyter`` extra; skipped with
 the reason otherwise.
@@ -56,7 +58,7 @@ NOTEBOOK_CELLS = [
     "cp = (3 - 0.4 * np.hypot(yy % 40 - 20, xx % 40 - 20)).astype(np.float32)\n"
     "masks = ((yy // 40) * 26 + xx // 40 + 1).astype(np.uint16) * (cp > 0)\n"
     "res = SegmentationResult(masks, np.zeros((2, 1024, 1024), np.float32), cp, MaskOptions())\n"
-    "v = Viewer(cp, result=res, background=False, height=400)\n"
+    "v = Viewer(cp, result=res, background=False, height=400, name='viewer_test')\n"
     "v",
 ]
 
@@ -274,6 +276,53 @@ def test_paint_save_undo_in_jupyterlab(lab_server):
             page.wait_for_timeout(300)
             page.screenshot(path=str(ARTIFACTS / "5-undone.png"))
 
+            # a closed outline drawn with a thin brush fills itself (as in the cellpose GUI)
+            page.keyboard.press("b")
+            for _ in range(4):
+                page.keyboard.press("[")  # radius 5 -> 1
+            cell.get_by_text("radius 1").first.wait_for(timeout=30_000)
+            cy, cx, r = 60, 80, 30
+            pts = [_image_to_screen(box, cy + r * np.sin(a), cx + r * np.cos(a))
+                   for a in np.linspace(0, 2 * np.pi, 48)]
+            page.mouse.move(*pts[0])
+            page.mouse.down()
+            for q in pts[1:]:
+                page.mouse.move(*q)
+            page.mouse.up()
+            cell.get_by_text("1 objects").first.wait_for(timeout=60_000)
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(ARTIFACTS / "7-outline-filled.png"))
+            centre = _canvas_pixel(page, canvas, fx(cx), fy)
+            assert np.abs(centre - _label_rgb(LABEL)).max() < 16, centre  # the inside is filled
+            cell.locator("button.jupyter-button", has_text="Save").first.click()
+            deadline = time.time() + 30
+            while time.time() < deadline and tifffile.imread(mask_file)[cy, cx] == 0:
+                time.sleep(0.3)
+            saved = tifffile.imread(mask_file)
+            area = int((saved == LABEL).sum())
+            assert saved[cy, cx] == LABEL and 2600 < area < 3300, area  # ~ pi * 31^2
+
+            # contrast (typed into the slider's readout) changes the canvas, in the browser
+            bg_y = (_image_to_screen(box, 110, 150)[1] - box["y"]) / box["height"]
+            bg = _canvas_pixel(page, canvas, fx(150), bg_y)
+            assert np.all(np.abs(bg - GREY) < 12), bg
+            contrast = cell.locator(".widget-slider", has_text="contrast").first
+            readout = contrast.locator(".widget-readout").first
+            readout.click()
+            page.keyboard.press("Control+a")
+            page.keyboard.type("3")
+            page.keyboard.press("Enter")
+            page.wait_for_function(
+                """([c, fx, fy]) => { const d = c.getContext('2d').getImageData(
+                    Math.floor(c.width * fx), Math.floor(c.height * fy), 1, 1).data; return d[0] < 40; }""",
+                arg=[canvas.element_handle(), fx(150), bg_y], timeout=30_000)
+            dark = _canvas_pixel(page, canvas, fx(150), bg_y)
+            assert np.all(dark < 40), dark  # grey 90 at contrast 3 around mid-grey: black
+            page.screenshot(path=str(ARTIFACTS / "8-contrast.png"))
+            cell.locator("button.jupyter-button", has_text="reset levels").first.click()
+            page.wait_for_timeout(800)
+            assert np.all(np.abs(_canvas_pixel(page, canvas, fx(150), bg_y) - GREY) < 12)
+
             # the viewer draws a 1024 x 1024 label image with 676 objects client-side, fast
             cell2 = page.locator(".jp-Notebook .jp-Cell").nth(1)
             cell2.get_by_text("676 objects").first.wait_for(timeout=180_000)
@@ -299,6 +348,16 @@ def test_paint_save_undo_in_jupyterlab(lab_server):
             page.wait_for_timeout(200)
             assert cell2.locator(".cpsam-status").inner_text() != before_zoom
             page.screenshot(path=str(ARTIFACTS / "6-viewer-1024.png"))
+
+            # the viewer saves into the folder typed into its "save to" box
+            folder = cell2.get_by_placeholder("folder")
+            folder.fill("chosen/sub")
+            folder.press("Enter")
+            cell2.locator("button.jupyter-button", has_text="Save masks").first.click()
+            cell2.get_by_text("saved chosen/sub/viewer_test_masks.tif").first.wait_for(timeout=60_000)
+            saved_v = root / "chosen" / "sub" / "viewer_test_masks.tif"
+            assert saved_v.exists() and int(tifffile.imread(saved_v).max()) == 676
+            page.screenshot(path=str(ARTIFACTS / "9-viewer-saved.png"))
         except Exception:
             try:
                 page.screenshot(path=str(ARTIFACTS / "failure.png"))

@@ -83,13 +83,32 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
         for o in c.get("outputs", [])
     )
     out = tmp_path / "outputs"
+    # no notebook writes into the package (its examples folder, say)
+    pkg = ROOT / "cpsam_toolkit"
+    written = [p for p in pkg.rglob("*") if p.is_file() and p.stat().st_mtime > t0
+               and p.suffix in (".tif", ".tiff", ".pt", ".png", ".json", ".csv", ".zip")]
+    assert not written, written
     if path.stem == "01_segment":
         assert "objects; post-processing" in text
         assert list(out.glob("*_masks.tif"))
+        if shipped_model_available():  # the viewer uses the model's recommended setting, and says so
+            assert "'flow_threshold': '0.8 (model)'" in text, text
+            assert "cpsam segment " in text and "--flow-threshold 0.8" in text
     elif path.stem == "02_correct_and_finetune":
-        assert len(list((out / "02" / "corrected").glob("*_masks.tif"))) == 3
-        assert "'state': 'corrected'" in text and "base  (starting model)" in text
-        assert (out / "02" / "finetuned.pt").stat().st_size > 0
+        assert len(list((out / "02" / "corrected").glob("*_masks.tif"))) == 8
+        assert "('bf_08275a5b', 'corrected')" in text and "base  (starting model)" in text
+        assert "outline filled" in text
+        # the corrector opens on an image with predicted cells
+        n_pred = int(re.search(r"bf_\w+: (\d+) predicted objects", text).group(1))
+        if shipped_model_available():
+            assert n_pred > 0, text
+            # the finetune demo shows a gain on its held-out images, and saves the best epoch
+            m = re.search(r"starting model ([\d.]+) -> finetuned ([\d.]+) \(epoch (\d+)\)", text)
+            assert m, text
+            print(m.group(0), file=sys.stderr)
+            assert float(m.group(2)) > float(m.group(1)) + 0.05, m.group(0)
+            assert f"saved epoch {m.group(3)} to" in text
+            assert (out / "02" / "finetuned.pt").stat().st_size > 0
     elif path.stem == "03_evaluate":
         assert len(list((out / "03" / "predictions").glob("*_masks.tif"))) == 4
         assert "AP@0.5" in text and "examples" in text

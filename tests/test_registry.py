@@ -477,3 +477,81 @@ def test_sam_checkpoint_described(tmp_path):
     torch.save({"image_encoder." + k: v for k, v in enc.state_dict().items()}, tmp_path / "sam")
     info = reg.describe(tmp_path / "sam")
     assert info["format"] == "segment-anything" and info["config"]["depth"] == 2
+
+
+# ------------------------------------------------------------------------- default model
+
+
+def test_default_downloads_published_model_once_then_reuses(server, monkeypatch, tiny_bytes):
+    add_entry(monkeypatch, "cpsam_v2", url=server.url)
+    server.files["cpsam_v2"] = tiny_bytes
+    first = reg.choose_default_model(progress=False)
+    assert (first.name, first.reason, first.message) == ("cpsam_v2", "downloaded", None)
+    assert first.path == reg.cache_dir() / "cpsam_v2" and first.path.read_bytes() == tiny_bytes
+    again = reg.choose_default_model(progress=False)
+    assert (again.name, again.reason, again.path) == ("cpsam_v2", "cached", first.path)
+    assert [r["path"] for r in server.requests] == ["cpsam_v2"]  # one GET in all
+
+    import cpsam_toolkit as cp
+
+    model = cp.load_model(device="cpu")
+    assert model.name == "cpsam_v2" and len(server.requests) == 1
+
+
+def _assert_fallback(choice, reason):
+    assert choice.name == reg.DEFAULT_MODEL and choice.reason == reason and choice.fallback
+    assert choice.path == reg.packaged_path(reg.get_entry(reg.DEFAULT_MODEL))
+    line = choice.message
+    assert "\n" not in line and "cpsam models download cpsam_v2" in line
+    assert str(reg.cache_dir()) in line and "CPSAM_HOME" in line
+    # the shipped model's accuracy, as its own metadata records it
+    assert reg.shipped_accuracy() in line and "AP@0.5 0." in line
+
+
+def test_default_falls_back_when_server_refuses(monkeypatch):
+    monkeypatch.setenv("CPSAM_MODEL_URL_BASE", closed_port_url())
+    choice = reg.choose_default_model(progress=False)
+    _assert_fallback(choice, "unreachable")
+    assert "cannot reach 127.0.0.1" in choice.message
+    assert not (reg.cache_dir() / "cpsam_v2").exists()
+
+
+def test_default_falls_back_fast_when_server_is_silent(monkeypatch):
+    """A server that accepts the connection but never answers: given up after the timeout."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)  # connections queue in the backlog; nothing ever answers
+    try:
+        monkeypatch.setenv("CPSAM_MODEL_URL_BASE", f"http://127.0.0.1:{silent.getsockname()[1]}/")
+        choice = reg.choose_default_model(progress=False, connect_timeout=0.3)
+    finally:
+        silent.close()
+    _assert_fallback(choice, "unreachable")
+    assert "timed out" in choice.message
+
+
+def test_default_offline_never_touches_network(server, monkeypatch, caplog):
+    add_entry(monkeypatch, "cpsam_v2", url=server.url)
+    server.files["cpsam_v2"] = b"never served"
+    monkeypatch.setenv("CPSAM_OFFLINE", "1")
+    choice = reg.choose_default_model()
+    _assert_fallback(choice, "offline")
+    assert "CPSAM_OFFLINE" in choice.message
+
+    import cpsam_toolkit as cp
+
+    with caplog.at_level("WARNING", logger="cpsam_toolkit"):
+        model = cp.load_model(device="cpu")
+    assert model.name == reg.DEFAULT_MODEL
+    assert choice.message in caplog.text
+    assert server.requests == []
+
+
+def test_default_prefers_cached_published_model(monkeypatch, isolated_env, tiny_bytes):
+    add_entry(monkeypatch, "cpsam", url="http://127.0.0.1:9/")
+    d = isolated_env / ".cellpose" / "models"
+    d.mkdir(parents=True)
+    (d / "cpsam").write_bytes(tiny_bytes)
+    monkeypatch.setenv("CPSAM_OFFLINE", "1")
+    choice = reg.choose_default_model()
+    assert (choice.name, choice.reason, choice.path) == ("cpsam", "cached", d / "cpsam")

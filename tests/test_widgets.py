@@ -593,18 +593,38 @@ def test_finetuner_trains_in_the_background_and_saves(tiny_model, tmp_path):
     assert ft.progress.value == 2 == ft.progress.max and ft.progress.bar_style == "success"
     assert ft.plot.value[:4] == b"\x89PNG" and "comparison" in ft.comparison.value
     assert [r["model"] for r in ft.comparison_table()] == ["base", "final", "best"]
-    # the base model is untouched; the finetuned one is ready to use
+    # the base model is untouched
     assert all(torch_equal(v, tiny_model.net.state_dict()[k]) for k, v in before.items())
-    assert ft.model is not None and "finetuned" in ft.model.name
-    saved = ft.save(tmp_path / "ft.pt")
-    from cpsam_toolkit.segment import load_model
-
-    assert load_model(saved).net.cfg == tiny_model.net.cfg
-    ft.use_button.click()
-    assert viewer.model is ft.model
+    # an untrained tiny network does not beat itself: the panel says so and offers no model
+    assert ft.improved is False and ft.model is None
+    assert "did NOT improve" in ft.comparison.value and "no finetuned model is offered" in ft.comparison.value
+    assert ft.save_button.disabled and ft.use_button.disabled
+    with pytest.raises(RuntimeError, match="nothing better to save"):
+        ft.save(tmp_path / "ft.pt")
+    # the working folder keeps only the chosen weights, and goes away with close()
+    work = ft._run_dir
+    assert [p.name for p in work.iterdir()] == ["finetuned.pt"]
+    ft.close()
+    assert not work.exists()
     with pytest.raises(ValueError, match="both in training and validation"):
         ft.set_split(train=["a", "c"], val=["c"])
         ft.start()
+
+
+def test_finetuner_without_validation_saves_the_last_epoch(tiny_model, tmp_path):
+    from cpsam_toolkit.segment import load_model
+    from cpsam_toolkit.widgets import Finetuner, Viewer
+
+    viewer = Viewer(_pairs(1)[0][0], tiny_model, background=False)
+    ft = Finetuner(tiny_model, _pairs(2), names=["a", "b"], epochs=2, viewer=viewer)
+    ft.set_split(train=["a", "b"], val=[])
+    ft.start(wait=True)
+    assert ft.improved is None and ft.model is not None and "finetuned" in ft.model.name
+    assert ft.saved_epoch == 2 and ft.save_button.description == "Save model (epoch 2, not validated)"
+    saved = ft.save(tmp_path / "ft.pt")
+    assert load_model(saved).net.cfg == tiny_model.net.cfg and "saved epoch 2" in ft.status.value
+    ft.use_button.click()
+    assert viewer.model is ft.model
 
 
 def test_finetuner_stop(tiny_model):
@@ -649,3 +669,158 @@ def test_notebook_helpers_find_examples_and_a_model():
     imgs = demo.example_images()
     assert imgs and all(demo.example_masks(p).exists() for p in imgs)
     assert os.fspath(demo.example_dir()).endswith("examples")
+
+
+# ------------------------------------------------------------------------------ issue 23
+
+
+def test_a_closed_outline_fills_itself_and_an_open_stroke_does_not():
+    from cpsam_toolkit.widgets import Corrector
+    from cpsam_toolkit.widgets.editor import is_closed_outline
+
+    t = np.linspace(0, 2 * np.pi, 40)
+    ring = np.c_[50 + 20 * np.sin(t), 50 + 20 * np.cos(t)]
+    assert is_closed_outline(ring, 1) and not is_closed_outline(ring[:25], 1)
+    c = Corrector([np.zeros((100, 100), np.uint8)], out_dir=".", names=["x"])
+    assert c.canvas.overlay == "filled" and c.fill_closed.value  # edits show as areas
+    browser_event(c.canvas, {"type": "paint", "points": ring.round(2).tolist(), "radius": 1, "label": 4})
+    assert c.labels[50, 50] == 4 and 1250 < (c.labels == 4).sum() < 1450  # ~ pi * 21^2, one object
+    browser_event(c.canvas, {"type": "undo"})  # one undo step removes outline and fill
+    assert c.labels.max() == 0
+    browser_event(c.canvas, {"type": "paint", "points": ring[:25].round(2).tolist(), "radius": 1, "label": 4})
+    assert c.labels[50, 50] == 0  # an open stroke is just a stroke
+    c.fill_closed.value = False
+    browser_event(c.canvas, {"type": "undo"})
+    browser_event(c.canvas, {"type": "paint", "points": ring.round(2).tolist(), "radius": 1, "label": 4})
+    assert c.labels[50, 50] == 0
+
+
+def test_corrector_status_names_the_image_and_saves_to_the_chosen_folder(image_folder, tmp_path):
+    from cpsam_toolkit.widgets import Corrector
+
+    c = Corrector(sorted(image_folder.glob("[ab].tif")), out_dir=tmp_path / "one")
+    assert "<b>a</b>" in c.status.value
+    c.next()
+    assert "<b>b</b>" in c.status.value and c.browser.value == 1
+    c.save_dir.value = str(tmp_path / "two")  # typed into the "save to" box
+    c.handle_event({"type": "paint", "points": [[5, 5]], "radius": 2, "label": 1})
+    assert c.save() == tmp_path / "two" / "b_masks.tif" and (tmp_path / "two" / "b_masks.tif").exists()
+    assert "b: saved" in c.status.value
+    assert c.revert_button.description == "revert"  # fits its button; the tooltip says the rest
+
+
+class _RecommendingModel:
+    """Segments like a model whose file recommends flow_threshold=0.8."""
+
+    name = "cpsam_toolkit_small"
+    info = {"path": "/x/cpsam_small.pt", "recommended_settings": {"flow_threshold": 0.8}}
+
+    def __init__(self):
+        self.calls = []
+
+    def segment(self, image, channel_axis=None, flow_threshold=0.4, cellprob_threshold=0.0, min_size=15,
+                diameter=None):
+        self.calls.append(dict(flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold,
+                               min_size=min_size, diameter=diameter))
+        res = _blob_result()
+        res.options = Opts(flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold,
+                           min_size=min_size)
+        return res
+
+
+def test_widgets_use_the_models_recommended_settings_and_show_their_sources(tmp_path):
+    from cpsam_toolkit.widgets import Corrector, Viewer
+
+    m = _RecommendingModel()
+    v = Viewer(np.zeros((64, 64), np.float32), m, background=False, out_dir=tmp_path)
+    assert m.calls[-1]["flow_threshold"] == 0.8 and v.result.options.flow_threshold == 0.8
+    assert v.flow.value == 0.8 and v.sources["flow_threshold"] == "model"
+    assert "flow_threshold 0.8 (model)" in v.settings_line.value
+    assert "cellprob_threshold 0 (default)" in v.settings_line.value
+    cli, py = v.repeat_command()
+    assert cli.startswith("cpsam segment ") and "--model cpsam_toolkit_small --flow-threshold 0.8" in cli
+    assert "flow_threshold=0.8" in py and "load_model('cpsam_toolkit_small')" in py
+    v.min_size.value = 40  # the user's value from now on
+    assert v.sources["min_size"] == "user" and "--min-size 40" in v.repeat_command()[0]
+    # a value given by the caller is the user's
+    v2 = Viewer(np.zeros((64, 64), np.float32), m, background=False, flow_threshold=0.5, diameter=17.0)
+    assert m.calls[-1]["flow_threshold"] == 0.5 and m.calls[-1]["diameter"] == 17.0
+    assert v2.sources["flow_threshold"] == "user" and "--diameter 17" in v2.repeat_command()[0]
+    c = Corrector([np.zeros((64, 64), np.uint8)], m, out_dir=tmp_path, names=["x"])
+    assert m.calls[-1]["flow_threshold"] == 0.8 and "flow_threshold 0.8 (model)" in c.settings_line.value
+    with pytest.raises(ValueError, match="setting flow_threshold=-1 is invalid"):  # validated as Settings
+        Viewer(np.zeros((64, 64), np.float32), m, flow_threshold=-1)
+
+
+def test_viewer_probability_slider_with_typed_logit_and_log_size_slider():
+    from cpsam_toolkit.widgets import Viewer
+    from cpsam_toolkit.widgets._base import logit
+
+    res = _blob_result()
+    v = Viewer(np.zeros((64, 64), np.float32), result=res, background=False)
+    assert v.cellprob_p.value == pytest.approx(0.5) and v.cellprob.value == 0.0
+    v.cellprob_p.value = 0.3  # the slider is a probability; the logit follows and is used
+    assert v.cellprob.value == pytest.approx(logit(0.3), abs=1e-3)
+    assert res.calls[-1]["cellprob_threshold"] == pytest.approx(-0.847, abs=1e-3) and len(res.calls) == 1
+    v.cellprob.value = 2.0  # a typed logit moves the slider, one update
+    assert v.cellprob_p.value == pytest.approx(0.8808, abs=1e-3) and len(res.calls) == 2
+    assert "cell prob. ≥ 0.88 (logit 2)" in v.status.value
+    v.cellprob.value = -9.0  # beyond the slider: the typed value stands, the slider stops at its end
+    assert v.result.options.cellprob_threshold == -9.0 and v.cellprob_p.value == 0.01
+    v.min_size_slider.value = 10 ** 2.5  # a log slider: 316 px
+    assert v.min_size.value == 316 and v.result.options.min_size == 316
+    v.min_size.value = 0  # typed: below the slider's 1 px
+    assert v.result.options.min_size == 0 and v.min_size.value == 0
+
+
+def test_viewer_saves_into_the_chosen_folder_never_into_the_package(tmp_path, monkeypatch):
+    import cpsam_toolkit
+    from cpsam_toolkit.widgets import Viewer
+
+    monkeypatch.chdir(tmp_path)
+    v = Viewer(np.zeros((64, 64), np.float32), result=_blob_result(), background=False, name="blob")
+    assert v.save_path.value == "cpsam_outputs"  # default: beside the notebook
+    assert v.save() == Path("cpsam_outputs") / "blob_masks.tif" and (tmp_path / "cpsam_outputs").is_dir()
+    v.save_path.value = str(tmp_path / "mine")
+    v.save_button.click()
+    assert (tmp_path / "mine" / "blob_masks.tif").exists()
+    pkg_examples = Path(cpsam_toolkit.__file__).parent / "examples"
+    with pytest.raises(ValueError, match="inside the installed cpsam_toolkit package"):
+        v.save(pkg_examples)
+    with pytest.raises(ValueError, match="inside the installed"):
+        Viewer(np.zeros((64, 64), np.float32), result=_blob_result(), out_dir=pkg_examples)
+    # a corrector on images inside the package saves beside the notebook instead
+    from cpsam_toolkit.widgets import Corrector
+    from cpsam_toolkit.widgets.demo import example_images
+
+    c = Corrector(example_images()[:1])
+    assert c.items[0].mask_path.parent == Path("cpsam_outputs") / "corrected"
+
+
+def test_brightness_contrast_gamma_controls_drive_every_canvas():
+    from cpsam_toolkit.widgets import Corrector, Viewer
+
+    v = Viewer(np.zeros((64, 64), np.float32), result=_blob_result(), background=False)
+    c = Corrector([np.zeros((30, 40), np.uint8)], out_dir=".", names=["x"])
+    for panel in (v, c):
+        panel.view.contrast.value = 3.0
+        panel.view.set_levels(brightness=0.2, gamma=0.5)
+        assert (panel.canvas.brightness, panel.canvas.contrast, panel.canvas.gamma) == (0.2, 3.0, 0.5)
+        panel.view.reset_levels.click()
+        assert (panel.canvas.brightness, panel.canvas.contrast, panel.canvas.gamma) == (0.0, 1.0, 1.0)
+
+
+def test_canvas_javascript_is_a_file_that_ships_and_parses():
+    import shutil
+    import subprocess
+
+    from cpsam_toolkit.widgets.canvas import CANVAS_CSS, CANVAS_JS, LabelCanvas
+
+    assert CANVAS_JS.suffix == ".js" and CANVAS_JS.is_file() and CANVAS_CSS.is_file()
+    assert "export default { render }" in LabelCanvas()._esm  # anywidget read the file
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    shipped = next(line for line in pyproject.splitlines() if line.startswith("cpsam_toolkit = ["))
+    assert '"widgets/*.js"' in shipped and '"widgets/*.css"' in shipped  # package data
+    if shutil.which("node"):
+        r = subprocess.run(["node", "--check", str(CANVAS_JS)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr

@@ -69,7 +69,13 @@ def _list(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(3)]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
-    print(f"\ncache: {registry.cache_dir()}  (also searched: "
+    cached = registry.cached_default()
+    default = f"{cached} (cached)" if cached else \
+        f"{registry.PUBLISHED_DEFAULTS[0]} (downloaded on first use)"
+    why = "CPSAM_OFFLINE is set" if registry.offline() else "CPSAM_OFFLINE=1"
+    print(f"\ndefault (no model named): {default}; offline ({why} or unreachable): "
+          f"{registry.DEFAULT_MODEL}")
+    print(f"cache: {registry.cache_dir()}  (also searched: "
           f"{', '.join(str(d) for d in registry.cellpose_dirs())})")
     return 0
 

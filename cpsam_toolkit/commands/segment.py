@@ -11,8 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .. import batch, blockwise, volume
+from .. import batch, blockwise, omezarr, volume
+from ..batch import make_jobs
 from ..io import find_images
+from ..omezarr import prepare_outputs
 from ..segment import load_model
 from ..settings import Settings
 
@@ -26,6 +28,8 @@ outputs (in --out):
   <stem>_outlines.png     image with red outlines                                  (--save-outlines)
   <stem>_rois.zip         ImageJ ROIs, one polygon per object                      (--save-rois)
   <stem>_objects.csv      label, area, centroid, mean_cellprob, flow_error         (--save-table)
+  <stem>_seg.npy          masks, outlines, flows, thresholds for the cellpose GUI   (--save-npy)
+  <stem>_labels.json      OME-Zarr input: where <image>/labels/<name> was written    (plate.zarr)
   summary.csv             per image: count, mean area, mean confidence, flow error (--summary)
   manifest.jsonl          one line per finished image; reruns skip finished images
   failures.csv            path and reason of each image that failed
@@ -74,8 +78,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     g = p.add_argument_group("model")
     g.add_argument("--model", "-m", default=None, metavar="NAME|PATH",
-                   help="registry name (see `cpsam models`) or weights file; default: cpsam_v2 or "
-                        "cpsam if present locally, else the shipped small model")
+                   help="registry name (see `cpsam models`) or weights file; default: cpsam_v2 "
+                        "(downloaded once), else offline the shipped small model")
     g.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
     g.add_argument("--dtype", default=None, help="auto (default: bf16 on CUDA, fp32 elsewhere), fp32, bf16")
     g.add_argument("--batch-size", type=_positive_int, default=None, help="tiles per network call (8)")
@@ -98,8 +102,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="percentiles mapped to 0 and 1 (1 99)")
 
     g = p.add_argument_group("network")
-    g.add_argument("--augment", action="store_true", default=None,
-                   help="test-time augmentation (flipped tiles)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="test-time augmentation (flipped tiles); --no-augment turns off a model's "
+                        "recommended augmentation")
     g.add_argument("--tile-overlap", type=float, default=None, help="fraction of tile overlap (0.1)")
 
     g = p.add_argument_group("masks")
@@ -128,9 +133,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--save-outlines", action="store_true", help="write _outlines.png")
     g.add_argument("--save-rois", action="store_true", help="write _rois.zip (ImageJ)")
     g.add_argument("--save-table", action="store_true", help="write _objects.csv per image")
+    g.add_argument("--save-npy", action="store_true",
+                   help="write _seg.npy that the cellpose GUI opens (masks, outlines, flows, thresholds)")
     g.add_argument("--summary", nargs="?", const=True, default=False, metavar="CSV",
                    help="write a per-image summary CSV (default: DIR/summary.csv)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--label-name", default="cpsam", metavar="NAME",
+                   help="OME-Zarr input: write labels as <image>/labels/NAME (cpsam)")
+    g.add_argument("--into-input", action="store_true",
+                   help="OME-Zarr input: write the labels into the input plate (same as --out PLATE); "
+                        "default: into a copy of the plate's layout in --out")
 
     g = p.add_argument_group("distributed (Dask)")
     g.add_argument("--dask", action="store_true", help="run on a local Dask cluster (worker processes)")
@@ -214,8 +226,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.do_3d or args.stitch_threshold or args.z_axis is not None:
         return _run_3d(args, out_dir, overrides, t0)
+    try:  # OME-Zarr plates: labels/<name> in the plate or a copy
+        zarr_target, out_dir = prepare_outputs(args.inputs, out_dir, into_input=args.into_input,
+                                               name=args.label_name)
+    except (ValueError, OSError) as e:
+        return _err(str(e))
     if args.blockwise:
-        return _run_blockwise(args, out_dir, overrides, t0)
+        return _run_blockwise(args, out_dir, overrides, t0, zarr_target)
 
     try:
         paths = find_images(args.inputs, recursive=args.recursive)
@@ -258,7 +275,8 @@ def run(args: argparse.Namespace) -> int:
             report = batch.run_plate(
                 paths, out_dir, model, overrides=overrides,
                 outputs=batch.OutputOptions(args.save_flows, args.save_outlines, args.save_rois,
-                                            args.save_table),
+                                            args.save_table or zarr_target is not None,
+                                            npy=args.save_npy, zarr=zarr_target),
                 summary=Path(args.summary) if isinstance(args.summary, str) else args.summary,
                 overwrite=args.overwrite, device=args.device, dtype=args.dtype,
                 client=client, chunk_size=args.chunk_size,
@@ -321,11 +339,12 @@ def _default_workers() -> int:
     return 2
 
 
-def _run_blockwise(args: argparse.Namespace, out_dir: Path, overrides: dict[str, Any], t0: float) -> int:
+def _run_blockwise(args: argparse.Namespace, out_dir: Path, overrides: dict[str, Any], t0: float,
+                   zarr_target: Any = None) -> int:
     inputs = []
     for item in args.inputs:
         p = Path(item)
-        if p.is_dir() and p.suffix.lower() != ".zarr":
+        if p.is_dir() and (p.suffix.lower() != ".zarr" or omezarr.is_ome_zarr(p)):
             inputs += find_images(p, recursive=args.recursive)
         elif p.exists():
             inputs.append(p)
@@ -339,20 +358,26 @@ def _run_blockwise(args: argparse.Namespace, out_dir: Path, overrides: dict[str,
     settings = model.settings.replace(**overrides)
     print_settings(settings)
     failed = n_objects = done = skipped = 0
+    stems = {j.path: j.stem for j in make_jobs(inputs)}  # unique (plate fields share names)
     with _dask(args) as (client, _):
         for p in inputs:
-            stem = p.name[:-5] if p.suffix.lower() == ".zarr" else p.stem
+            stem = stems[str(p)]
             target = out_dir / f"{stem}_masks.zarr"
             if target.exists() and not args.overwrite:
                 print(f"skipped: {target} exists (--overwrite to redo)", file=sys.stderr)
+                omezarr.blockwise_labels(p, target, zarr_target, out_dir, stem)  # if a kill cut it
                 skipped += 1
                 continue
             try:
+                image = omezarr.blockwise_input(p) if omezarr.is_image(p) else p
                 res = blockwise.segment_blockwise(
-                    p, model, target, block_size=args.block_size, halo=args.halo,
+                    image, model, target, block_size=args.block_size, halo=args.halo,
                     settings=settings, overwrite=args.overwrite, client=client,
                     progress=not args.no_progress and sys.stderr.isatty(),
                 )
+                if args.overwrite:  # labels of this run, not an earlier one's
+                    (out_dir / f"{stem}_labels.json").unlink(missing_ok=True)
+                omezarr.blockwise_labels(p, target, zarr_target, out_dir, stem)
             except Exception as e:  # noqa: BLE001 - report and go on with the next input
                 print(f"failed: {p}: {e}", file=sys.stderr)
                 failed += 1

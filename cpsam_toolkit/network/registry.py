@@ -25,6 +25,10 @@ always complete. Verification:
 Files found in the reference package's folders are used as they are (checked against the
 registered SHA-256 or size when known); they are never modified and no sidecar is written there.
 
+With no model named, :func:`choose_default_model` gives the published ``cpsam_v2`` (cached, else
+downloaded) and falls back to the shipped model only offline or when the server does not answer
+within a few seconds, with one line that says so and how to get the real model.
+
 Environment: ``CPSAM_HOME`` (cache folder), ``CPSAM_MODEL_URL_BASE`` (download from
 ``<base>/<file>`` instead of Hugging Face, e.g. a local mirror), ``CPSAM_OFFLINE=1`` (never use
 the network: a missing file raises :class:`ModelUnavailableError` that says which file to put
@@ -42,6 +46,7 @@ import re
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -733,3 +738,137 @@ def _describe_sam(path: Path) -> dict[str, Any] | None:
         "meta": {"note": "a Segment Anything checkpoint: use it to initialise training "
                          "(cpsam_toolkit.network.checkpoints.from_sam), not for segmentation"},
     }
+
+
+# --------------------------------------------------------------------------- default model
+
+#: Published models tried, in order, when no model is named (the first is downloaded if none
+#: is on this machine).
+PUBLISHED_DEFAULTS = ("cpsam_v2", "cpsam")
+
+#: Seconds to wait for the download server to answer before falling back to the shipped model.
+CONNECT_TIMEOUT_S = 4.0
+
+_UNREACHABLE: dict[str, str] = {}  # url -> reason, so one process probes a dead server once
+
+
+@dataclass(frozen=True)
+class DefaultChoice:
+    """The model used when none is named, and why.
+
+    ``reason`` is ``"cached"`` (a published model already on this machine), ``"downloaded"``,
+    ``"offline"`` (``CPSAM_OFFLINE`` set) or ``"unreachable"`` (the server did not answer).
+    ``message`` is the one line to show the user for a fallback (``None`` otherwise).
+    """
+
+    name: str
+    path: Path
+    reason: str
+    message: str | None = None
+
+    @property
+    def fallback(self) -> bool:
+        return self.reason in ("offline", "unreachable")
+
+
+def cached_default() -> str | None:
+    """The first of :data:`PUBLISHED_DEFAULTS` present on this machine (nothing is checked)."""
+    for name in PUBLISHED_DEFAULTS:
+        if find_cached(name) is not None:
+            return name
+    return None
+
+
+def shipped_accuracy() -> str:
+    """The shipped model's measured validation accuracy, read from its own metadata.
+
+    Returns a short text such as ``"validation AP@0.5 0.21 (dsb2018 0.53, ...)"`` or
+    ``"accuracy unknown"`` when the file has no record of it.
+    """
+    entry = get_entry(DEFAULT_MODEL)
+    path = packaged_path(entry)
+    try:
+        import torch
+
+        meta = torch.load(path, map_location="cpu", weights_only=True).get("meta", {})
+        val = meta.get("val") or {}
+        ap = float(val["val_ap50"])
+    except Exception:  # noqa: BLE001 - a missing or older file has no record: say so
+        return "accuracy unknown"
+    groups = val.get("val_ap50_groups") or {}
+    detail = ", ".join(f"{k} {float(v):.2f}" for k, v in groups.items())
+    n = meta.get("data", {}).get("n_val")
+    where = f" on {n} validation images" if n else ""
+    return f"AP@0.5 {ap:.2f}{where}" + (f": {detail}" if detail else "")
+
+
+def _probe(url: str, timeout: float) -> str | None:
+    """``None`` if an HTTP server answers at ``url`` within ``timeout`` seconds, else why not.
+
+    Any HTTP answer (even an error status) counts as reachable: the download that follows
+    reports HTTP errors itself.
+    """
+    if url in _UNREACHABLE:
+        return _UNREACHABLE[url]
+    req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": _user_agent()})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        reason = str(getattr(e, "reason", None) or e) or e.__class__.__name__
+        _UNREACHABLE[url] = reason
+        return reason
+
+
+def fallback_line(reason: str) -> str:
+    """The one line printed when the shipped model replaces the published one."""
+    name = PUBLISHED_DEFAULTS[0]
+    return (
+        f"cpsam: {reason}: using the small shipped model {DEFAULT_MODEL!r} "
+        f"({shipped_accuracy()}; see MODEL_CARD.md), not Cellpose-SAM. For the real model run "
+        f"`cpsam models download {name}` when online, or copy the file {name!r} into "
+        f"{cache_dir()} (or a folder named by $CPSAM_HOME), or pass --model PATH"
+    )
+
+
+def choose_default_model(
+    *,
+    download: bool = True,
+    progress: bool = True,
+    url_base: str | None = None,
+    connect_timeout: float = CONNECT_TIMEOUT_S,
+) -> DefaultChoice:
+    """The model to use when none is named: the published one whenever it can be had.
+
+    Order: a published model already on this machine (:data:`PUBLISHED_DEFAULTS`, checked as
+    :func:`resolve_weights` does); else download ``cpsam_v2`` (progress bar, checksum,
+    resumable); else -- only when ``CPSAM_OFFLINE`` is set, ``download`` is false or the server
+    does not answer within ``connect_timeout`` seconds -- the shipped small model, with a
+    one-line ``message`` saying so. Errors other than unreachability (HTTP errors, a corrupt
+    file, a failed checksum) are raised: they need fixing, not hiding.
+    """
+    cached = cached_default()
+    if cached is not None:
+        return DefaultChoice(cached, resolve_weights(cached, download=False), "cached")
+    shipped = _packaged(get_entry(DEFAULT_MODEL))
+    if offline():
+        return DefaultChoice(DEFAULT_MODEL, shipped, "offline",
+                             fallback_line("CPSAM_OFFLINE is set"))
+    if not download:
+        return DefaultChoice(DEFAULT_MODEL, shipped, "offline",
+                             fallback_line(f"{PUBLISHED_DEFAULTS[0]!r} is not downloaded"))
+    name = PUBLISHED_DEFAULTS[0]
+    url = url_for(get_entry(name), url_base)
+    why = _probe(url, connect_timeout)
+    if why is None:
+        try:
+            path = download_model(name, url_base=url_base, progress=progress)
+        except ModelUnavailableError as e:  # the connection went away after the probe
+            why = str(e).splitlines()[0]
+        else:
+            return DefaultChoice(name, path, "downloaded")
+    host = urllib.parse.urlsplit(url).netloc or url
+    return DefaultChoice(DEFAULT_MODEL, shipped, "unreachable",
+                         fallback_line(f"cannot reach {host} ({why})"))

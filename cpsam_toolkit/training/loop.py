@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,11 +173,13 @@ def validation_loss(net: CPSAMNet, crops, device: torch.device, batch_size: int 
 
 
 def validation_ap(
-    net: CPSAMNet, data: TrainingSet, device: torch.device, settings: Settings | None = None
+    net: CPSAMNet, data: TrainingSet, device: torch.device,
+    settings: Settings | Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Mean per-image AP@0.5 of full-image segmentation (per group, and the mean of groups),
-    with ``settings`` (default: the defaults; images are already normalised, so
-    ``normalize`` is always off).
+    with ``settings`` (a :class:`Settings` or a dict of ``segment`` keywords, e.g. the model's
+    recommended ``flow_threshold``; default: the defaults). Images are already normalised, so
+    ``normalize`` is always off.
 
     Uses :mod:`cpsam_toolkit.segment` and :mod:`cpsam_toolkit.metrics`; returns ``{}`` (and
     warns) if they cannot run, so a training run never dies in validation.
@@ -188,8 +190,9 @@ def validation_ap(
         model = CellposeSAM(clone, device=device, name="validation")
         per_group: dict[str, list[float]] = {}
         images = [np.moveaxis(s.image.astype(np.float32), 0, -1) for s in data.samples]
-        s = (settings or Settings()).replace(normalize=False)
-        results = model.segment(images, s)
+        if not isinstance(settings, Settings):
+            settings = Settings().replace(**dict(settings or {}))
+        results = model.segment(images, settings.replace(normalize=False))
         for s, r in zip(data.samples, results):
             ap = average_precision(s.masks, np.asarray(r.masks), [0.5])[0]
             per_group.setdefault(s.group or "all", []).append(float(np.ravel(ap)[0]))
@@ -304,6 +307,7 @@ def train(
     meta: dict[str, Any] | None = None,
     aux_loss: Callable[[torch.Tensor, Sequence[int], list[np.ndarray]], torch.Tensor] | None = None,
     settings: Settings | None = None,
+    val_settings: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train (fine-tune, or from scratch) a Cellpose-SAM network.
 
@@ -348,6 +352,9 @@ def train(
         The segmentation settings of the validation AP (default: the defaults). Values set in
         them (not defaults) are stored in the model file as its ``recommended_settings``, so
         ``load_model(out).settings`` gives them back.
+    val_settings : dict, optional
+        ``segment`` keywords of the validation AP on top of ``settings`` (e.g.
+        ``{"flow_threshold": 0.8}``, the model's recommended settings); not stored.
     """
 
     rec = get_recipe(recipe)
@@ -431,7 +438,7 @@ def train(
             return {}
         res: dict[str, Any] = {"val_loss": validation_loss(net, val_crops, dev)}
         if with_ap and val_ap:
-            res.update(validation_ap(net, va, dev, settings))
+            res.update(validation_ap(net, va, dev, val_used))
         return res
 
     def score(v: dict[str, Any]) -> float | None:
@@ -452,6 +459,7 @@ def train(
     data_desc = {"train": tr.description, "n_train": len(tr), "val": va.description if va else None,
                  "n_val": len(va) if va else 0}
 
+    val_used = (settings or Settings()).replace(**dict(val_settings or {}))
     recommended = {}
     if settings is not None and settings.non_default():
         recommended = {"recommended_settings": {k: v for k, v in settings.to_dict().items()

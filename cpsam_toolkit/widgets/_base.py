@@ -1,10 +1,15 @@
-"""Shared pieces of the panels: display, status line, view controls, figure → PNG."""
+"""Shared pieces of the panels: display, status line, view controls (overlay, brightness,
+contrast, gamma), the model's recommended settings with their sources, the command that repeats
+a run, figure → PNG."""
 
 from __future__ import annotations
 
 import html
+import inspect
 import io as _io
+import math
 import os
+import shlex
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -56,8 +61,141 @@ def report_errors(status: W.HTML) -> Callable:
     return deco
 
 
+#: post-processing settings a panel exposes (the rest go to ``model.segment`` unchanged)
+MASK_KEYS = ("cellprob_threshold", "flow_threshold", "min_size", "max_size_fraction", "niter")
+
+
+def model_recommended(model: Any) -> dict[str, Any]:
+    """The settings the model file recommends (``info["recommended_settings"]``, e.g. the
+    shipped model's ``flow_threshold=0.8``); ``{}`` when it recommends none.
+
+    The ONE place the widgets read them: when ``cpsam_toolkit.settings`` lands, this becomes
+    ``model.settings`` (its fields with source "model").
+    """
+    info = getattr(model, "info", None) or {}
+    return dict(info.get("recommended_settings") or {})
+
+
+def default_settings() -> dict[str, Any]:
+    """The library defaults of every segmentation setting (:class:`cpsam_toolkit.settings.Settings`)."""
+    from ..settings import Settings
+
+    return Settings().values()
+
+
+def resolve_settings(model: Any, user: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(values, sources)``: library defaults, then the model's recommended settings, then
+    ``user`` values, validated as a :class:`cpsam_toolkit.settings.Settings` (a bad value raises
+    ``ValueError`` naming the setting and the fix); ``sources[name]`` is ``"default"``,
+    ``"model"`` or ``"user"``. Other ``segment`` keywords in ``user`` pass through as "user"."""
+    from ..settings import SETTING_NAMES, Settings
+
+    user = dict(user or {})
+    s = Settings.from_model(model_recommended(model) if model is not None else {})
+    s = s.replace(**{k: v for k, v in user.items() if k in SETTING_NAMES})
+    values, sources = s.values(), dict(s.sources)
+    for k, v in user.items():
+        if k not in SETTING_NAMES:
+            values[k], sources[k] = v, "user"
+    return values, sources
+
+
+def segment_kwargs(model: Any, values: dict[str, Any], sources: dict[str, str]) -> dict[str, Any]:
+    """The non-default settings as keywords of ``model.segment``."""
+    params = inspect.signature(model.segment).parameters
+    return {k: v for k, v in values.items() if sources.get(k) != "default" and k in params}
+
+
+def describe_settings(values: dict[str, Any], sources: dict[str, str], keys: tuple[str, ...] = MASK_KEYS,
+                      extra: bool = True) -> str:
+    """``"flow_threshold 0.8 (model) · min_size 15 (default) …"``: ``keys`` always, other settings
+    only where they are not defaults (``extra``)."""
+    more = [k for k in values if k not in keys and sources.get(k) != "default"] if extra else []
+    names = list(keys) + more
+    return " · ".join(f"{k} {_short(values.get(k))} ({sources.get(k, 'default')})" for k in names)
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "none" if v is None else str(v)
+
+
+#: ``cpsam segment`` options whose name is not ``--<setting with dashes>``
+_CLI_SPECIAL = {"normalize": lambda v: [] if v else ["--no-norm"],
+                "percentiles": lambda v: ["--norm-percentile", f"{v[0]:g}", f"{v[1]:g}"],
+                "channels": lambda v: ["--channels", ",".join(str(int(c)) for c in v)]}
+
+
+def model_reference(model: Any) -> str:
+    """How to name ``model`` again: its registry name, else its file."""
+    from ..network import registry
+
+    name = str(getattr(model, "name", "") or "")
+    if name in getattr(registry, "REGISTRY", {}):
+        return name
+    return str((getattr(model, "info", None) or {}).get("path") or name)
+
+
+def repeat_command(
+    model: Any,
+    values: dict[str, Any],
+    sources: dict[str, str],
+    image: str | os.PathLike | None = None,
+    out: str | os.PathLike = "masks/",
+) -> tuple[str, str]:
+    """``(cli, python)``: the ``cpsam segment`` command and the Python call that repeat a run
+    with these settings (only non-default values are spelled out; the model's recommended
+    ones too, so the command does not depend on them)."""
+    ref = model_reference(model)
+    img = str(image) if image is not None else "IMAGE.tif"
+    cli = ["cpsam", "segment", img, "--out", str(out), "--model", ref]
+    kw = []
+    for k, v in values.items():
+        if sources.get(k) == "default" or v is None:
+            continue
+        if k in _CLI_SPECIAL:
+            cli += _CLI_SPECIAL[k](v)
+        elif isinstance(v, bool):
+            if v:
+                cli.append("--" + k.replace("_", "-"))
+        else:
+            cli += ["--" + k.replace("_", "-"), _short(v) if isinstance(v, float) else str(v)]
+        if k != "percentiles":
+            kw.append(f"{k}={v!r}")
+    py = (f"from cpsam_toolkit import load_model\nfrom cpsam_toolkit.io import imread\n"
+          f"model = load_model({ref!r})\n"
+          f"res = model.segment(imread({img!r}){''.join(', ' + a for a in kw)})")
+    return " ".join(shlex.quote(a) for a in cli), py
+
+
+def logit(p: float) -> float:
+    """Probability → logit (the unit of ``cellprob_threshold``)."""
+    p = min(max(float(p), 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
+
+
+def sigmoid(x: float) -> float:
+    """Logit → probability (the unit of the hover read-out)."""
+    return 1.0 / (1.0 + math.exp(-float(x)))
+
+
+def safe_output_dir(folder: str | os.PathLike | None, default: str = "cpsam_outputs") -> Path:
+    """Where a panel writes files: ``folder``, or ``default`` in the working directory (beside
+    the notebook). Never inside the installed package (its examples folder, say)."""
+    pkg = Path(__file__).resolve().parents[1]
+    target = Path(folder) if folder is not None else Path(default)
+    try:
+        Path(target).resolve().relative_to(pkg)
+    except ValueError:
+        return target
+    raise ValueError(f"{target} is inside the installed cpsam_toolkit package: choose another folder "
+                     f"(for instance {Path.cwd() / default})")
+
+
 class ViewControls:
-    """Overlay mode, opacity, display channel and reset-view controls of a canvas."""
+    """Overlay mode, opacity, display channel, reset-view and display levels (brightness,
+    contrast, gamma; the browser applies them, no data goes back to the kernel) of a canvas."""
 
     def __init__(
         self, canvas: LabelCanvas, on_channel: Callable[[int | None], None] | None = None, channels: int = 1
@@ -92,10 +230,32 @@ class ViewControls:
             tooltip="reset zoom and pan (or double-click the image)",
         )
         self.reset.on_click(lambda _b: canvas.reset_view())
-        self.box = W.HBox(
-            [self.overlay, self.opacity, self.channel, self.reset],
-            layout=W.Layout(flex_flow="row wrap", align_items="center"),
-        )
+        lv = dict(layout=W.Layout(width="230px"), style={"description_width": "70px"}, readout_format=".2f")
+        self.brightness = W.FloatSlider(value=canvas.brightness, min=-1.0, max=1.0, step=0.02,
+                                        description="brightness", **lv)
+        self.contrast = W.FloatLogSlider(value=canvas.contrast, base=10, min=-1, max=1, step=0.02,
+                                         description="contrast", **lv)
+        self.gamma = W.FloatLogSlider(value=canvas.gamma, base=10, min=-1, max=1, step=0.02,
+                                      description="gamma", **lv)
+        for name in ("brightness", "contrast", "gamma"):
+            W.link((getattr(self, name), "value"), (canvas, name))
+        self.reset_levels = W.Button(description="reset levels", icon="adjust",
+                                     layout=W.Layout(width="130px"),
+                                     tooltip="brightness 0, contrast 1, gamma 1")
+        self.reset_levels.on_click(lambda _b: self.set_levels(0.0, 1.0, 1.0))
+        row = dict(layout=W.Layout(flex_flow="row wrap", align_items="center"))
+        self.box = W.VBox([
+            W.HBox([self.overlay, self.opacity, self.channel, self.reset], **row),
+            W.HBox([self.brightness, self.contrast, self.gamma, self.reset_levels], **row),
+        ])
+
+    def set_levels(self, brightness: float | None = None, contrast: float | None = None,
+                   gamma: float | None = None) -> None:
+        """Display levels: brightness (-1..1, 0 = as is), contrast (0.1..10, 1 = as is), gamma
+        (0.1..10, 1 = as is; below 1 brightens dark parts)."""
+        for name, v in (("brightness", brightness), ("contrast", contrast), ("gamma", gamma)):
+            if v is not None:
+                getattr(self, name).value = float(v)
 
     def set_channels(self, n: int) -> None:
         opts: list[tuple[str, int | None]] = [("all" if n > 1 else "grey", None)]

@@ -11,23 +11,27 @@ with :meth:`LabelCanvas.on_edit`.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import anywidget
 import numpy as np
 import traitlets as t
 
-from ._canvas_js import CANVAS_CSS, CANVAS_ESM
 from .codec import encode_labels, object_columns, png_bytes
 
 TOOLS = ("pan", "brush", "eraser", "fill", "delete", "pick")
 OVERLAYS = ("outlines", "filled", "none")
+#: the browser side: an ES module and its styles, loaded by path (shipped as package data)
+CANVAS_JS = Path(__file__).with_name("canvas.js")
+CANVAS_CSS = Path(__file__).with_name("canvas.css")
 
 
 class LabelCanvas(anywidget.AnyWidget):
-    """The canvas widget (use :meth:`set_image`, :meth:`set_labels`, :meth:`set_objects`)."""
+    """The canvas widget (use :meth:`set_image`, :meth:`set_labels`, :meth:`set_objects`;
+    ``brightness``, ``contrast`` and ``gamma`` change the display only)."""
 
-    _esm = CANVAS_ESM
+    _esm = CANVAS_JS
     _css = CANVAS_CSS
 
     image_png = t.Bytes(b"").tag(sync=True)
@@ -43,6 +47,12 @@ class LabelCanvas(anywidget.AnyWidget):
     label_id = t.Int(1).tag(sync=True)
     height = t.Int(480).tag(sync=True)
     render_count = t.Int(0).tag(sync=True)
+    #: display levels, applied in the browser: brightness added (-1..1, 0 = as is), contrast
+    #: multiplied around mid-grey (1 = as is), then gamma (output = level ** gamma; < 1 brightens
+    #: dark parts)
+    brightness = t.Float(0.0).tag(sync=True)
+    contrast = t.Float(1.0).tag(sync=True)
+    gamma = t.Float(1.0).tag(sync=True)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -21,14 +21,27 @@ import ipywidgets as W
 import numpy as np
 
 from ..io import find_images, imread
-from ._base import Panel, ViewControls, channels_of, report_errors, show_image, status_html
+from ._base import (
+    Panel,
+    ViewControls,
+    channels_of,
+    describe_settings,
+    report_errors,
+    resolve_settings,
+    safe_output_dir,
+    segment_kwargs,
+    show_image,
+    status_html,
+)
 from .canvas import LabelCanvas
 from .codec import cheap_objects
 from .editor import LabelEditor
 
 #: state of an image in the browser
 CORRECTED, EDITED, PREDICTED, NEW = "corrected", "edited", "predicted", "not opened"
-_MARK = {CORRECTED: "✓", EDITED: "✎", PREDICTED: "·", NEW: " "}
+_MARK = {CORRECTED: "✓", EDITED: "✎", PREDICTED: "•", NEW: " "}
+#: the browser's legend of those marks
+LEGEND = "✓ saved · ✎ unsaved edits · • opened, not saved"
 
 TOOL_BUTTONS = [
     ("pan", "pan"),
@@ -71,8 +84,10 @@ class Corrector(Panel):
     model : CellposeSAM, optional
         Predicts the starting masks of images without a saved mask file (no model: start empty).
     out_dir : folder, optional
-        Where ``<stem>_masks.tif`` are saved (default: next to each image; required for arrays).
-        An existing mask file there is loaded instead of predicting, so corrections resume.
+        Where ``<stem>_masks.tif`` are saved (default: next to each image, or
+        ``cpsam_outputs/corrected`` in the working directory for images inside the installed
+        package; required for arrays). An existing mask file there is loaded instead of
+        predicting, so corrections resume. The panel's "save to" box changes it.
     names : list of str, optional
         Names (stems) of in-memory images.
     channel_axis : int, optional
@@ -80,7 +95,12 @@ class Corrector(Panel):
     height : int
         Canvas height in CSS pixels.
     segment_kwargs : dict, optional
-        Other ``model.segment`` arguments.
+        ``model.segment`` arguments; by default the model's recommended settings are used
+        (the panel shows each value with its source: model / user / default).
+    start : int
+        The image shown first.
+    fill_closed : bool
+        A brush stroke that ends where it started is filled (draw an outline, get the object).
     """
 
     def __init__(
@@ -93,11 +113,13 @@ class Corrector(Panel):
         channel_axis: int | None = None,
         height: int = 520,
         segment_kwargs: dict[str, Any] | None = None,
+        start: int = 0,
+        fill_closed: bool = True,
     ) -> None:
         self.model = model
-        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.out_dir = safe_output_dir(out_dir) if out_dir is not None else None
         self.channel_axis = channel_axis
-        self.segment_kwargs = dict(segment_kwargs or {})
+        self.settings, self.sources = resolve_settings(model, segment_kwargs)
         self.items = self._items(images, names)
         if not self.items:
             raise ValueError("Corrector: no images given")
@@ -107,7 +129,9 @@ class Corrector(Panel):
         self._saved: set[int] = set()
         self.index = -1
 
-        self.canvas = LabelCanvas(tools=[t for t, _ in TOOL_BUTTONS], tool="brush", height=height)
+        # filled labels while editing: a painted stroke shows as what it is, an area
+        self.canvas = LabelCanvas(tools=[t for t, _ in TOOL_BUTTONS], tool="brush", height=height,
+                                  overlay="filled", opacity=0.45)
         self.status = W.HTML()
         guard = report_errors(self.status)
         self.browser = W.Select(
@@ -145,6 +169,10 @@ class Corrector(Panel):
         self.protect = W.Checkbox(
             value=False, description="protect other objects", indent=False, layout=W.Layout(width="170px")
         )
+        self.fill_closed = W.Checkbox(
+            value=bool(fill_closed), description="fill closed outlines", indent=False,
+            layout=W.Layout(width="160px"), tooltip="a brush stroke that ends where it started is filled",
+        )
         self.undo_button = W.Button(icon="undo", tooltip="undo (ctrl+z)", layout=W.Layout(width="40px"))
         self.redo_button = W.Button(
             icon="repeat", tooltip="redo (ctrl+shift+z)", layout=W.Layout(width="40px")
@@ -156,8 +184,13 @@ class Corrector(Panel):
             tooltip="write <stem>_masks.tif (atomically)",
         )
         self.revert_button = W.Button(
-            description="revert to prediction", icon="history", layout=W.Layout(width="170px")
+            description="revert", icon="history", tooltip="replace this image's masks by the model's "
+            "prediction (undoable)", layout=W.Layout(width="90px")
         )
+        self.save_dir = W.Text(value="", description="save to", placeholder="next to each image",
+                               layout=W.Layout(width="420px"), style={"description_width": "55px"},
+                               continuous_update=False)
+        self.settings_line = W.HTML()
         self.view = ViewControls(self.canvas, guard(self._on_channel), 1)
 
         self.browser.observe(guard(self._on_browse), "value")
@@ -170,26 +203,32 @@ class Corrector(Panel):
         self.revert_button.on_click(guard(lambda _b: self.revert()))
         self.label_id.observe(self._on_label_id, "value")
         self.canvas.on_edit(guard(self.handle_event))
+        self.save_dir.observe(guard(self._on_save_dir), "value")
+        if self.out_dir is not None:
+            self.save_dir.value = str(self.out_dir)
 
         tool_row = W.HBox(
-            [self.tools, self.label_id, self.new_button, self.radius, self.protect],
+            [self.tools, self.label_id, self.new_button, self.radius, self.protect, self.fill_closed],
             layout=W.Layout(flex_flow="row wrap", align_items="center"),
         )
         action_row = W.HBox(
-            [self.undo_button, self.redo_button, self.save_button, self.revert_button, self.status],
-            layout=W.Layout(align_items="center"),
+            [self.undo_button, self.redo_button, self.save_button, self.revert_button, self.save_dir],
+            layout=W.Layout(flex_flow="row wrap", align_items="center"),
         )
         left = W.VBox(
             [
-                W.HTML("<b>images</b> (✓ saved, ✎ edited)"),
+                W.HTML("<b>images</b>"),
                 self.browser,
                 W.HBox([self.prev_button, self.next_button]),
+                W.HTML(f"<div style='font-size:11px;line-height:1.3'>{LEGEND.replace(' · ', '<br>')}</div>"),
             ],
             layout=W.Layout(width="250px"),
         )
-        right = W.VBox([tool_row, self.view.box, self.canvas, action_row], layout=W.Layout(flex="1"))
+        right = W.VBox([tool_row, self.view.box, self.canvas, self.status, action_row, self.settings_line],
+                       layout=W.Layout(flex="1"))
         self.widget = W.HBox([left, right])
-        self.open(0)
+        self._show_settings()
+        self.open(int(start))
 
     # -- images ---------------------------------------------------------------------------
     def _items(self, images: Any, names: Sequence[str] | None) -> list[ImageItem]:
@@ -211,8 +250,26 @@ class Corrector(Panel):
         return [ImageItem(n, None, self._mask_path(n, None), np.asarray(a)) for n, a in zip(names, arrays)]
 
     def _mask_path(self, stem: str, folder: Path | None) -> Path:
-        base = self.out_dir if self.out_dir is not None else folder
-        return Path(base) / f"{stem}_masks.tif"  # type: ignore[arg-type]
+        if self.out_dir is not None:
+            return self.out_dir / f"{stem}_masks.tif"
+        try:  # next to the image, unless that is inside the installed package
+            base = safe_output_dir(folder)
+        except ValueError:
+            base = Path("cpsam_outputs") / "corrected"
+        return Path(base) / f"{stem}_masks.tif"
+
+    def set_out_dir(self, folder: str | os.PathLike | None) -> None:
+        """Save masks to ``folder`` from now on (None: next to each image)."""
+        self.out_dir = safe_output_dir(folder) if folder else None
+        if self.out_dir is None and any(it.path is None for it in self.items):
+            raise ValueError("in-memory images need a folder to save to")
+        for it in self.items:
+            it.mask_path = self._mask_path(it.name, it.path.parent if it.path is not None else None)
+        if str(self.save_dir.value) != str(folder or ""):
+            self.save_dir.value = str(folder or "")
+        if self.index >= 0:
+            self._refresh_browser()
+            self._refresh()
 
     def state(self, i: int) -> str:
         """``corrected`` (saved, unchanged since), ``edited`` (unsaved changes), ``predicted``
@@ -304,19 +361,30 @@ class Corrector(Panel):
             self._results[i] = self.model.segment(
                 self.image(i), channel_axis=self.channel_axis, **self.segment_kwargs
             )
+            self._refresh_status()
         return self._results.get(i)
 
+    @property
+    def segment_kwargs(self) -> dict[str, Any]:
+        """What ``model.segment`` gets: the model's recommended and the user's settings."""
+        return segment_kwargs(self.model, self.settings, self.sources) if self.model is not None else {}
+
     def set_model(self, model: Any) -> None:
-        """Use another model for images not opened yet (and for :meth:`revert`)."""
+        """Use another model for images not opened yet (and for :meth:`revert`); its
+        recommended settings replace the old model's (the user's stay)."""
+        user = {k: v for k, v in self.settings.items() if self.sources.get(k) == "user"}
         self.model = model
+        self.settings, self.sources = resolve_settings(model, user)
         self._results.clear()
+        self._show_settings()
 
     # -- editing --------------------------------------------------------------------------
     def handle_event(self, event: dict[str, Any]) -> dict[str, Any]:
         """Apply one canvas event (the message the browser sends) to the open image."""
         event = dict(event)
-        if event.get("type") == "paint" and "overwrite" not in event:
-            event["overwrite"] = not self.protect.value
+        if event.get("type") == "paint":
+            event.setdefault("overwrite", not self.protect.value)
+            event.setdefault("fill_closed", bool(self.fill_closed.value))
         out = self.editor.apply(event)
         self.label_id.value = self.editor.label
         self._refresh()
@@ -341,7 +409,8 @@ class Corrector(Panel):
         path = ed.save(self.items[i].mask_path)
         self._saved.add(i)
         self._refresh_browser()
-        self.status.value = status_html(f"saved {html.escape(str(path))}", "ok")
+        self.status.value = status_html(
+            f"{html.escape(self.items[i].name)}: saved {html.escape(str(path))}", "ok")
         return path
 
     # -- view -----------------------------------------------------------------------------
@@ -349,19 +418,39 @@ class Corrector(Panel):
         if self.index in self._editors:
             self.editor.label = int(change["new"])
 
+    _browsing_quietly = False
+
     def _on_browse(self, change: dict) -> None:
+        if self._browsing_quietly:  # the list is being redrawn (new marks), not clicked
+            return
         if change["new"] is not None and change["new"] != self.index:
             self.open(int(change["new"]))
+
+    def _on_save_dir(self, change: dict) -> None:
+        if str(change["new"]) != str(self.out_dir or ""):
+            self.set_out_dir(change["new"] or None)
+
+    def _show_settings(self) -> None:
+        if self.model is None:
+            self.settings_line.value = ""
+            return
+        self.settings_line.value = (
+            f"<span style='font-size:11px;opacity:0.8'>predictions by {html.escape(str(self.model.name))}: "
+            f"{html.escape(describe_settings(self.settings, self.sources))}</span>")
 
     def _on_channel(self, channel: int | None) -> None:
         show_image(self.canvas, self.image(), channel, self.channel_axis)
 
     def _refresh_browser(self) -> None:
         opts = [(f"{_MARK[self.state(i)]} {it.name}", i) for i, it in enumerate(self.items)]
-        if list(self.browser.options) != opts:
-            self.browser.options = opts
-        if self.browser.value != self.index:
-            self.browser.value = self.index
+        self._browsing_quietly = True  # new options reset the selection: not a user's choice
+        try:
+            if list(self.browser.options) != opts:
+                self.browser.options = opts
+            if self.browser.value != self.index:
+                self.browser.value = self.index
+        finally:
+            self._browsing_quietly = False
 
     def _refresh(self) -> None:
         ed = self.editor
@@ -371,10 +460,18 @@ class Corrector(Panel):
         self.canvas.set_objects(cheap_objects(ed.labels, cp))
         self.undo_button.disabled = not ed.can_undo
         self.redo_button.disabled = not ed.can_redo
+        self._refresh_status()
+
+    def _refresh_status(self) -> None:
+        """One line that always names the image on screen."""
+        if self.index < 0 or self.index not in self._editors:
+            return
+        ed = self.editor
         st = self.state(self.index)
         self.status.value = status_html(
-            f"image {self.index + 1}/{len(self.items)} · {ed.n_objects} objects · next free id "
-            f"{ed.next_label()} · {st}" + (" (unsaved)" if ed.dirty else ""),
+            f"<b>{html.escape(self.current.name)}</b> (image {self.index + 1}/{len(self.items)}) · "
+            f"{ed.n_objects} objects · next free id {ed.next_label()} · {st}"
+            + (" (unsaved)" if ed.dirty and st != EDITED else ""),
             "warn" if ed.dirty else "info",
         )
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Stroke", "Edit", "LabelEditor", "stroke_mask"]
+__all__ = ["Stroke", "Edit", "LabelEditor", "stroke_mask", "is_closed_outline"]
 
 #: event types understood by :meth:`LabelEditor.apply`
 EVENT_TYPES = ("paint", "erase", "delete", "fill", "new_label", "pick", "undo", "redo")
@@ -104,6 +104,18 @@ def stroke_mask(shape: tuple[int, int], points: np.ndarray, radius: float) -> tu
             dist2 = (yy - (a[0] + t * d[0])) ** 2 + (xx - (a[1] + t * d[1])) ** 2
         mask[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] |= dist2 <= r2
     return slice(y0, y1), slice(x0, x1), mask
+
+
+def is_closed_outline(points: Any, radius: float = 0.0) -> bool:
+    """Whether a stroke is a drawn outline: it ends where it started (within ``max(5, 3 *
+    radius)`` px) after going around something at least twice as wide as that gap."""
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    if len(pts) < 4:
+        return False
+    gap = float(np.hypot(*(pts[-1] - pts[0])))
+    tol = max(5.0, 3.0 * float(radius))
+    extent = float(np.hypot(*(pts.max(0) - pts.min(0))))
+    return gap <= tol and extent > 2 * max(gap, tol)
 
 
 class LabelEditor:
@@ -212,8 +224,16 @@ class LabelEditor:
         self.version += 1
         return edit.n_pixels
 
-    def _stroke_index(self, stroke: Stroke) -> np.ndarray:
-        ys, xs, m = stroke_mask(self.shape, stroke.points, stroke.radius)
+    def _stroke_index(self, stroke: Stroke, fill_closed: bool = False) -> np.ndarray:
+        pts = stroke.points
+        closed = fill_closed and is_closed_outline(pts, stroke.radius)
+        if closed:
+            pts = np.vstack([pts, pts[:1]])
+        ys, xs, m = stroke_mask(self.shape, pts, stroke.radius)
+        if closed and m.size:
+            from scipy import ndimage
+
+            m = ndimage.binary_fill_holes(m)
         if not m.any():
             return np.zeros(0, np.int64)
         yy, xx = np.nonzero(m)
@@ -226,16 +246,19 @@ class LabelEditor:
         label: int | None = None,
         *,
         overwrite: bool = True,
+        fill_closed: bool = False,
     ) -> int:
         """Paint a stroke with ``label`` (default the current label; 0 erases).
 
         ``points`` is a :class:`Stroke` or (N, 2) ``(y, x)`` points. With ``overwrite=False``
         only background and pixels already of ``label`` change (other objects are protected).
+        With ``fill_closed=True`` a stroke that ends where it started (a drawn outline, see
+        :func:`is_closed_outline`) is closed and filled, in the same undo step.
         Returns the number of pixels changed.
         """
         stroke = self._as_stroke(points, radius, label)
         lab = int(stroke.label or 0)
-        idx = self._stroke_index(stroke)
+        idx = self._stroke_index(stroke, fill_closed=fill_closed and lab != 0)
         if not overwrite and lab != 0:
             cur = self.labels.reshape(-1)[idx]
             idx = idx[(cur == 0) | (cur == lab)]
@@ -357,7 +380,8 @@ class LabelEditor:
         ``{"type": "erase", "points": ..., "radius": r}``, ``{"type": "delete", "y", "x"}``,
         ``{"type": "fill", "y", "x", "label"}``, ``{"type": "pick", "y", "x"}``,
         ``{"type": "new_label"}``, ``{"type": "undo"}``, ``{"type": "redo"}``.
-        Paint events may carry ``"overwrite": false``. Returns ``{"type", "changed", "label"}``
+        Paint events may carry ``"overwrite": false`` and ``"fill_closed": true`` (fill a
+        drawn outline). Returns ``{"type", "changed", "label"}``
         (``changed``: pixels changed, or whether undo/redo did something).
         """
         kind = str(event.get("type", ""))
@@ -365,7 +389,8 @@ class LabelEditor:
             lab = event.get("label")
             n: Any = self.paint(event["points"], event.get("radius", 3.0),
                                 None if lab is None else int(lab),
-                                overwrite=bool(event.get("overwrite", True)))
+                                overwrite=bool(event.get("overwrite", True)),
+                                fill_closed=bool(event.get("fill_closed", False)))
         elif kind == "erase":
             n = self.erase(event["points"], event.get("radius", 3.0), event.get("only"))
         elif kind == "delete":

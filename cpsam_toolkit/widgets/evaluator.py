@@ -25,9 +25,21 @@ import numpy as np
 from .. import evaluate as E
 from .. import metrics as M
 from ..io import IMAGE_EXTENSIONS, imread
-from ._base import Panel, ViewControls, figure_png, html_table, report_errors
+from ._base import (
+    Panel,
+    ViewControls,
+    describe_settings,
+    figure_png,
+    html_table,
+    report_errors,
+    resolve_settings,
+    safe_output_dir,
+    segment_kwargs,
+)
 from .canvas import LabelCanvas
 from .codec import display_rgb
+
+_segment_kwargs = segment_kwargs
 
 TP_COLOR = "#2ecc40"
 FP_COLOR = "#ff2fd6"
@@ -114,8 +126,14 @@ class Evaluator(Panel):
         self.img_suffix = img_suffix
         self.images: list[EvalImage] = []
         self.errors: list[tuple[str, str]] = []
+        self.settings_text = ""
         if model is not None and test_dir is not None:
-            self._run_model(model, Path(test_dir), img_suffix, mask_suffix, out_dir, segment_kwargs or {})
+            # the model's recommended settings unless given (shown in the panel with their sources)
+            values, sources = resolve_settings(model, segment_kwargs)
+            self.settings_text = f"{model.name}: {describe_settings(values, sources)}"
+            self._run_model(model, Path(test_dir), img_suffix, mask_suffix,
+                            safe_output_dir(out_dir) if out_dir is not None else None,
+                            _segment_kwargs(model, values, sources))
         elif pred_dir is not None and gt_dir is not None:
             self._run_folders(Path(pred_dir), Path(gt_dir), pred_suffix, gt_suffix,
                               Path(image_dir) if image_dir is not None else None)
@@ -155,7 +173,9 @@ class Evaluator(Panel):
         self.table_html.value = self.table_html_text()
         self.widget = W.VBox([
             W.HTML(f"<b>{len(self.images)} images</b>" + (f", {len(self.errors)} not usable: "
-                   + html.escape("; ".join(f"{f}: {m}" for f, m in self.errors[:5])) if self.errors else "")),
+                   + html.escape("; ".join(f"{f}: {m}" for f, m in self.errors[:5])) if self.errors else "")
+                   + ("<div style='font-size:11px;opacity:0.85'>segmented by "
+                      f"{html.escape(self.settings_text)}</div>" if self.settings_text else "")),
             self.plot,
             W.Accordion([self.table_html], titles=("per-image table (worst first)",)),
             W.HBox([self.browser, self.iou, self.show_fn], layout=W.Layout(align_items="center")),

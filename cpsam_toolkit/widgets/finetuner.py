@@ -4,8 +4,13 @@ Pick the training and validation images, a recipe, the number of epochs and the 
 press Start: :func:`cpsam_toolkit.training.train` runs in a background thread (the notebook
 stays usable), its per-epoch callback feeds a live loss / validation-AP plot and a progress bar,
 Stop ends it cleanly after the current step. At the end the base-vs-finetuned comparison is
-shown, ``finetuner.model`` is the finetuned :class:`~cpsam_toolkit.segment.CellposeSAM` (ready
-for a :class:`~cpsam_toolkit.widgets.Viewer`), and Save writes the weights file.
+shown; when the best validated epoch beats the starting model, ``finetuner.model`` is the
+finetuned :class:`~cpsam_toolkit.segment.CellposeSAM` (ready for a
+:class:`~cpsam_toolkit.widgets.Viewer`) and "Save model (epoch N)" writes that epoch's weights.
+A run that does not beat the starting model says so and offers no model.
+
+Training works in one temporary folder per Finetuner, emptied at each Start and removed when
+the Finetuner goes away; only the chosen weights are kept there after a run.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +32,7 @@ import ipywidgets as W
 import numpy as np
 
 from ..io import imread, write_atomic
-from ._base import Panel, figure_png, fmt, html_table, report_errors, status_html
+from ._base import MASK_KEYS, Panel, figure_png, fmt, html_table, report_errors, resolve_settings, status_html
 
 
 def _load(x: Any) -> np.ndarray:
@@ -55,7 +61,10 @@ class Finetuner(Panel):
         Defaults of the controls (see :mod:`cpsam_toolkit.training.recipes`); the recipe's
         warm-up is shortened to a tenth of the epochs for short runs.
     out : path, optional
-        Default file for Save (``finetuned.pt``).
+        Default file for Save (``finetuned.pt`` in the working directory, beside the notebook).
+    recipe_overrides : dict, optional
+        Other recipe fields (``batch_size``, ``layer_drop``, ``schedule`` ...), e.g. the shipped
+        small model's ``lr=3e-4, layer_drop=0.1, batch_size=2`` (docs/finetuning.md).
     """
 
     def __init__(
@@ -72,6 +81,7 @@ class Finetuner(Panel):
         lr: float | None = None,
         seed: int = 0,
         out: str | os.PathLike = "finetuned.pt",
+        recipe_overrides: dict[str, Any] | None = None,
     ) -> None:
         from ..training import RECIPES, get_recipe
 
@@ -87,7 +97,13 @@ class Finetuner(Panel):
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.recipe_overrides = dict(recipe_overrides or {})
+        # validation AP with the model's recommended post-processing (what the viewer shows)
+        values, sources = resolve_settings(model)
+        self.val_settings = {k: values[k] for k in MASK_KEYS if sources[k] != "default"}
         self._run_dir: Path | None = None
+        self._cleanup: weakref.finalize | None = None
+        self.improved: bool | None = None  # None: not trained yet, or no validation images
         self._last_plot = 0.0
 
         self.status = W.HTML()
@@ -110,7 +126,7 @@ class Finetuner(Panel):
         self.stop_button = W.Button(description="Stop", icon="stop", button_style="danger", disabled=True)
         self.progress = W.IntProgress(value=0, min=0, max=1, description="epochs",
                                       layout=W.Layout(width="420px"))
-        self.plot = W.Image(format="png", layout=W.Layout(width="640px"))
+        self.plot = W.Image(format="png", layout=W.Layout(width="900px"))
         self.comparison = W.HTML()
         self.save_path = W.Text(value=str(out), description="save to", layout=W.Layout(width="420px"))
         self.save_button = W.Button(description="Save model", icon="save", button_style="primary",
@@ -138,8 +154,10 @@ class Finetuner(Panel):
             self.add(data, names)
         if corrector is not None:
             self.add_corrected()
+        vs = ", ".join(f"{k}={v} (model)" for k, v in self.val_settings.items())
         self.status.value = status_html(
-            f"{len(self._pairs)} images; base model {html.escape(str(model.name))}")
+            f"{len(self._pairs)} images; base model {html.escape(str(model.name))}"
+            + (f"; validation AP with {html.escape(vs)}" if vs else ""))
 
     # -- data -----------------------------------------------------------------------------
     def add(self, data: Any, names: Sequence[str] | None = None) -> None:
@@ -243,11 +261,15 @@ class Finetuner(Panel):
         rec = rec.replace(epochs=epochs, lr=float(self.lr.value),
                           warmup_epochs=min(rec.warmup_epochs, epochs // 10),
                           val_every=max(1, min(rec.val_every, epochs // 5 or 1)), min_masks=1)
+        if self.recipe_overrides:
+            rec = rec.replace(**self.recipe_overrides)
         self.status.value = status_html("loading images and computing flow targets …")
         tr = self._training_set(train_names)
         va = self._training_set(val_names) if val_names else None
-        self._run_dir = Path(tempfile.mkdtemp(prefix="cpsam-finetune-"))
+        self._run_dir = self._fresh_work_dir()
         self.history, self.result, self.model, self.error = [], None, None, None
+        self.improved = None
+        self.save_button.description = "Save model"
         self._stop.clear()
         self.progress.max, self.progress.value = epochs, 0
         self.progress.bar_style = ""
@@ -261,6 +283,21 @@ class Finetuner(Panel):
             f"training on {len(tr)} images, validating on {len(va) if va else 0} …")
         if wait:
             self.wait()
+
+    def _fresh_work_dir(self) -> Path:
+        """The Finetuner's one working folder, emptied (removed with the Finetuner)."""
+        if self._run_dir is None or not self._run_dir.is_dir():
+            self._run_dir = Path(tempfile.mkdtemp(prefix="cpsam-finetune-"))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._run_dir), True)
+        for p in self._run_dir.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return self._run_dir
+
+    def close(self) -> None:
+        """Remove the working folder now (a saved model is not affected)."""
+        if self._cleanup is not None:
+            self._cleanup()
+        self._run_dir = None
 
     def stop(self) -> None:
         """Ask the training to stop after the current step (the best weights so far are kept)."""
@@ -286,9 +323,16 @@ class Finetuner(Panel):
             self.result = train(net, tr, va, recipe=rec, out=out, seed=self.seed,
                                 device=getattr(self.base_model, "device", None),
                                 callback=self._on_epoch, stop_event=self._stop, progress=False,
-                                meta={"base_model": str(self.base_model.name)})
-            self.model = load_model(out, device=getattr(self.base_model, "device", None))
-            self.model.name = f"{self.base_model.name} (finetuned)"
+                                meta={"base_model": str(self.base_model.name)},
+                                val_settings=self.val_settings)
+            shutil.rmtree(out.with_name(out.name + ".run"), ignore_errors=True)  # keep only the weights
+            b, f = self.result.base.get("val_ap50"), (self.result.best or {}).get("val_ap50")
+            self.improved = None if (b is None or f is None) else bool(f > b)
+            if self.improved is not False:
+                self.model = load_model(out, device=getattr(self.base_model, "device", None))
+                self.model.name = f"{self.base_model.name} (finetuned)"
+                self.model.info.setdefault("recommended_settings", dict(
+                    (getattr(self.base_model, "info", None) or {}).get("recommended_settings") or {}))
             self._finished()
         except BaseException as e:  # noqa: BLE001 - shown in the panel, re-raised by wait()
             self.error = e
@@ -318,28 +362,34 @@ class Finetuner(Panel):
             self.plot.value = self.curve_png()
 
     def curve_png(self) -> bytes:
-        """The loss and validation-AP curves as PNG."""
+        """Training loss, validation loss and validation AP@0.5 as PNG (three panels: the two
+        losses are on different scales)."""
         from matplotlib.figure import Figure
 
         rows = [h for h in self.history if h.get("epoch", -1) >= 0]
         base = next((h for h in self.history if h.get("epoch", 0) < 0), {})
-        fig = Figure(figsize=(8, 3), layout="constrained")
-        ax1, ax2 = fig.subplots(1, 2)
+        fig = Figure(figsize=(11, 3), layout="constrained")
+        ax0, ax1, ax2 = fig.subplots(1, 3)
         ep = [h["epoch"] + 1 for h in rows]
-        ax1.plot(ep, [h.get("train_loss") for h in rows], "o-", ms=3, label="train")
+        ax0.plot(ep, [h.get("train_loss") for h in rows], "o-", ms=3, color="C0")
+        ax0.set(xlabel="epoch", ylabel="loss", title="training loss")
         vl = [(h["epoch"] + 1, h["val_loss"]) for h in rows if h.get("val_loss") is not None]
         if base.get("val_loss") is not None:
+            ax1.axhline(base["val_loss"], color="grey", ls="--", label="starting model")
             vl = [(0, base["val_loss"])] + vl
         if vl:
-            ax1.plot(*zip(*vl), "s-", ms=3, label="validation")
-        ax1.set(xlabel="epoch", ylabel="loss", title="loss")
-        ax1.legend(fontsize="small")
+            ax1.plot(*zip(*vl), "s-", ms=3, color="C1", label="finetuned")
+            ax1.legend(fontsize="small")
+        ax1.set(xlabel="epoch", ylabel="loss", title="validation loss")
         va = [(h["epoch"] + 1, h["val_ap50"]) for h in rows if h.get("val_ap50") is not None]
         if base.get("val_ap50") is not None:
-            ax2.axhline(base["val_ap50"], color="grey", ls="--", label="base model")
+            ax2.axhline(base["val_ap50"], color="grey", ls="--", label="starting model")
             va = [(0, base["val_ap50"])] + va
         if va:
             ax2.plot(*zip(*va), "o-", ms=3, color="C2", label="finetuned")
+        best = (self.result.best if self.result is not None else {}) or {}
+        if best.get("val_ap50") is not None and best.get("epoch", -1) >= 0:
+            ax2.plot([best["epoch"] + 1], [best["val_ap50"]], "*", ms=12, color="C3", label="best (kept)")
         ax2.set(xlabel="epoch", ylabel="AP@0.5", title="validation AP@0.5", ylim=(0, 1.02))
         if va:
             ax2.legend(fontsize="small")
@@ -355,29 +405,52 @@ class Finetuner(Panel):
                          "val_loss": d.get("val_loss") if d else None})
         table = html_table(rows, [("model", "model"), ("epoch", "epochs"), ("ap50", "val AP@0.5"),
                                   ("val_loss", "val loss")])
-        b, f = r.base.get("val_ap50"), (r.best or r.final).get("val_ap50")
-        if b is not None and f is not None:
-            verdict = (status_html(f"finetuning improved validation AP@0.5: {b:.3f} → {f:.3f}", "ok")
-                       if f > b else
-                       status_html(f"finetuning did NOT improve validation AP@0.5 ({b:.3f} → {f:.3f}); "
-                                   "keep the base model or train longer / with more images", "warn"))
+        b, f = r.base.get("val_ap50"), (r.best or {}).get("val_ap50")
+        best_epoch = (r.best or {}).get("epoch", -1) + 1
+        if self.improved:
+            verdict = status_html(f"finetuning improved validation AP@0.5: {b:.3f} → {f:.3f} (best: epoch "
+                                  f"{best_epoch}, the weights Save writes)", "ok")
+            self.save_button.description = f"Save model (epoch {best_epoch})"
+        elif self.improved is False:
+            verdict = status_html(f"finetuning did NOT improve validation AP@0.5 ({b:.3f} → best {f:.3f}): "
+                                  "keep the starting model (no finetuned model is offered); train longer, "
+                                  "with more images, or another learning rate", "warn")
+            self.save_button.description = "nothing better to save"
         else:
-            verdict = "no validation images: no comparison"
+            verdict = status_html("no validation images: no comparison (Save writes the last epoch)", "warn")
+            self.save_button.description = f"Save model (epoch {r.epochs_done}, not validated)"
         stopped = " (stopped early)" if r.stopped else ""
         self.comparison.value = f"<b>comparison{stopped}</b>{table}<div>{verdict}</div>"
         self.progress.bar_style = "success" if not r.stopped else "warning"
-        self.save_button.disabled = False
-        self.use_button.disabled = False
+        self.save_button.disabled = self.use_button.disabled = self.model is None
         self.status.value = status_html(f"done: {r.epochs_done} epochs{stopped}", "ok")
 
     # -- results --------------------------------------------------------------------------
+    @property
+    def saved_epoch(self) -> int | None:
+        """The epoch (1-based) whose weights :meth:`save` writes: the best validated one (the
+        last one without validation images); None before training."""
+        if self.result is None:
+            return None
+        if self.result.best and self.result.best.get("epoch", -1) >= 0:
+            return int(self.result.best["epoch"]) + 1
+        return int(self.result.epochs_done)
+
     def save(self, path: str | os.PathLike | None = None) -> Path:
-        """Write the finetuned weights (the best validated epoch) to ``path`` atomically."""
+        """Write the finetuned weights (the best validated epoch, :attr:`saved_epoch`) to
+        ``path`` atomically; refused when finetuning did not beat the starting model."""
         if self.result is None or self.result.out is None:
             raise RuntimeError("nothing to save: train first")
+        if self.model is None:
+            raise RuntimeError("finetuning did not improve on the starting model: nothing better to save")
+        from ._base import safe_output_dir
+
         target = Path(path or self.save_path.value)
+        safe_output_dir(target.parent)
+        target.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(target, lambda tmp: shutil.copyfile(self.result.out, tmp))
-        self.status.value = status_html(f"saved {html.escape(str(target))}", "ok")
+        self.status.value = status_html(
+            f"saved epoch {self.saved_epoch} to {html.escape(str(target))}", "ok")
         return target
 
     def use(self) -> Any:

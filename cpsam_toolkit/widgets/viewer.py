@@ -13,7 +13,23 @@ import ipywidgets as W
 import numpy as np
 
 from ..io import imread
-from ._base import Panel, ViewControls, channels_of, report_errors, show_image, status_html
+from ._base import (
+    MASK_KEYS,
+    Panel,
+    ViewControls,
+    channels_of,
+    describe_settings,
+    logit,
+    model_recommended,
+    repeat_command,
+    report_errors,
+    resolve_settings,
+    safe_output_dir,
+    segment_kwargs,
+    show_image,
+    sigmoid,
+    status_html,
+)
 from .canvas import LabelCanvas
 from .codec import cheap_objects
 
@@ -36,8 +52,19 @@ class Viewer(Panel):
     background : bool
         Run slider updates in a worker thread (the kernel stays free; while one update runs,
         further slider moves are coalesced into one). ``viewer.wait()`` waits for it.
+    out_dir : folder, optional
+        Where Save writes ``<name>_masks.tif`` (default ``cpsam_outputs`` in the working
+        directory, i.e. beside the notebook; never inside the installed package).
     **segment_kwargs
-        Other ``model.segment`` arguments (``diameter``, ``tile_overlap`` ...).
+        ``model.segment`` arguments (``diameter``, ``flow_threshold`` ...). Settings not given
+        are the model's recommended ones (``flow_threshold=0.8`` for the shipped model), else
+        the library defaults; the panel shows each value with its source.
+
+    Controls: the cell-probability threshold as a probability slider (the unit of the hover
+    read-out) with its logit typed beside it (the unit of ``cellprob_threshold``), the flow
+    threshold, and the minimum size on a log scale; every value can also be typed. Below the
+    image: the settings with their sources, and the ``cpsam segment`` command and Python call
+    that repeat the run.
 
     The sliders (cell probability, flow threshold, minimum size) call
     :meth:`SegmentationResult.recompute`, which re-runs only the post-processing on the cached
@@ -59,6 +86,7 @@ class Viewer(Panel):
         name: str | None = None,
         height: int = 480,
         background: bool = True,
+        out_dir: str | os.PathLike | None = None,
         **segment_kwargs: Any,
     ) -> None:
         if isinstance(image, (str, os.PathLike)):
@@ -71,7 +99,7 @@ class Viewer(Panel):
         self.name = name or "image"
         self.model = model
         self.channel_axis = channel_axis
-        self.segment_kwargs = dict(segment_kwargs)
+        self.settings, self.sources = resolve_settings(model, segment_kwargs)
         self.timings: dict[str, float] = {}
         self.background = bool(background)
         self._lock = threading.Lock()
@@ -83,54 +111,64 @@ class Viewer(Panel):
                 raise ValueError("Viewer needs a model to segment the image, or result=")
             result = self._segment()
         self.result = result
+        self._sync_settings(result.options)
         self._channel: int | None = None
 
         self.canvas = LabelCanvas(tools=["pan"], tool="pan", height=height)
         self.status = W.HTML()
         o = result.options
-        cu = dict(
-            continuous_update=False, layout=W.Layout(width="330px"), style={"description_width": "110px"}
-        )
-        self.cellprob = W.FloatSlider(
-            value=o.cellprob_threshold,
-            min=-6.0,
-            max=6.0,
-            step=0.1,
-            description="cell prob. thr.",
-            readout_format=".1f",
-            **cu,
-        )
-        self.flow = W.FloatSlider(
-            value=o.flow_threshold,
-            min=0.0,
-            max=3.0,
-            step=0.05,
-            description="flow thr. (0=off)",
-            readout_format=".2f",
-            **cu,
-        )
-        self.min_size = W.IntSlider(
-            value=o.min_size, min=0, max=2000, step=5, description="min size (px)", **cu
-        )
+        cu = dict(continuous_update=False)
+        wide = dict(layout=W.Layout(width="300px"), style={"description_width": "120px"})
+        typed = dict(layout=W.Layout(width="150px"), style={"description_width": "45px"},
+                     continuous_update=False)
+        # one unit on screen for the cell probability: a probability (as the hover shows), with
+        # the logit (what cellprob_threshold means) typed beside it
+        self.cellprob_p = W.FloatSlider(value=sigmoid(o.cellprob_threshold), min=0.01, max=0.99, step=0.01,
+                                        description="cell probability ≥", readout_format=".2f", **cu, **wide)
+        self.cellprob = W.FloatText(value=float(o.cellprob_threshold), description="logit", step=0.1, **typed)
+        self.flow = W.FloatSlider(value=o.flow_threshold, min=0.0, max=3.0, step=0.05,
+                                  description="flow error ≤", readout=False, **cu, **wide,
+                                  tooltip="flow-error QC threshold; 0 turns the QC off")
+        self.flow_text = W.BoundedFloatText(value=float(o.flow_threshold), min=0.0, max=1e6, step=0.05,
+                                            description="", **{**typed, "layout": W.Layout(width="90px")})
+        # sizes span decades (5 px debris to 5000 px cells): a log slider, exact value typed
+        self.min_size_slider = W.FloatLogSlider(value=max(1, o.min_size), base=10, min=0, max=4, step=0.02,
+                                                description="min size (px)", readout=False, **cu, **wide)
+        self.min_size = W.BoundedIntText(value=int(o.min_size), min=0, max=10**9, description="",
+                                         **{**typed, "layout": W.Layout(width="90px")})
+        # slider -> typed value (which triggers the update); typed value -> slider (quietly)
+        for slider, text, to_text, to_slider in (
+            (self.cellprob_p, self.cellprob, lambda p: round(logit(p), 3), sigmoid),
+            (self.flow, self.flow_text, float, float),
+            (self.min_size_slider, self.min_size, lambda v: int(round(v)), float),
+        ):
+            slider.observe(self._mirror(text, to_text, None), "value")
+            text.observe(self._mirror(slider, to_slider, to_text), "value")
         self.count = W.HTML()
-        for s in (self.cellprob, self.flow, self.min_size):
-            s.observe(report_errors(self.status)(self._on_slider), "value")
+        for w in (self.cellprob, self.flow_text, self.min_size):
+            w.observe(report_errors(self.status)(self._on_slider), "value")
         self.view = ViewControls(
             self.canvas, report_errors(self.status)(self._on_channel), channels_of(self.image, channel_axis)
         )
-        self.save_path = W.Text(
-            value=str(self._default_save_path()), description="save to", layout=W.Layout(width="420px")
-        )
-        self.save_button = W.Button(description="Save masks", icon="save", button_style="primary")
+        self.out_dir = safe_output_dir(out_dir)
+        self.save_path = W.Text(value=str(self.out_dir), description="save to", placeholder="folder",
+                                layout=W.Layout(width="420px"), style={"description_width": "55px"})
+        self.save_button = W.Button(description="Save masks", icon="save", button_style="primary",
+                                    tooltip="write <name>_masks.tif into the folder on the left")
         self.save_button.on_click(report_errors(self.status)(lambda _b: self.save()))
-        sliders = W.HBox([self.cellprob, self.flow, self.min_size], layout=W.Layout(flex_flow="row wrap"))
+        self.settings_line = W.HTML()
+        self.repeat = W.HTML()
+        row = dict(layout=W.Layout(flex_flow="row wrap", align_items="center"))
         self.widget = W.VBox(
             [
-                sliders,
+                W.HBox([W.HBox([self.cellprob_p, self.cellprob]), W.HBox([self.flow, self.flow_text]),
+                        W.HBox([self.min_size_slider, self.min_size])], **row),
                 self.view.box,
                 self.canvas,
                 W.HBox([self.count, self.status], layout=W.Layout(justify_content="space-between")),
+                self.settings_line,
                 W.HBox([self.save_path, self.save_button]),
+                self.repeat,
             ]
         )
         show_image(self.canvas, self.image, None, channel_axis)
@@ -166,7 +204,7 @@ class Viewer(Panel):
             if cellprob_threshold is not None:
                 self.cellprob.value = float(cellprob_threshold)
             if flow_threshold is not None:
-                self.flow.value = float(flow_threshold)
+                self.flow_text.value = float(flow_threshold)
             if min_size is not None:
                 self.min_size.value = int(min_size)
         finally:
@@ -174,8 +212,12 @@ class Viewer(Panel):
         return self._recompute(**changes)
 
     def set_model(self, model: Any, resegment: bool = True) -> Any:
-        """Use another model (for instance a finetuned one) and segment the image again."""
+        """Use another model (for instance a finetuned one) and segment the image again (with
+        the thresholds on screen)."""
         self.model = model
+        for k, v in model_recommended(model).items():
+            if self.sources.get(k) != "user":
+                self.settings[k], self.sources[k] = v, "model"
         if resegment:
             self.status.value = status_html(f"segmenting with {getattr(model, 'name', 'model')} …")
             self.wait()
@@ -197,20 +239,79 @@ class Viewer(Panel):
             time.sleep(0.005)
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
-        """Write the masks as ``<stem>_masks.tif`` (atomically)."""
+        """Write the masks atomically: to ``path`` if it names a ``.tif`` file, else as
+        ``<name>_masks.tif`` into the folder ``path`` (default: the "save to" folder)."""
         from ..outputs import save_masks
 
-        target = Path(path or self.save_path.value or self._default_save_path())
+        target = Path(path or self.save_path.value or self.out_dir)
+        if target.suffix.lower() not in (".tif", ".tiff"):
+            target = target / f"{self.name}_masks.tif"
+        safe_output_dir(target.parent)
+        target.parent.mkdir(parents=True, exist_ok=True)
         out = save_masks(target, self.result.masks)
         self.status.value = status_html(f"saved {out}", "ok")
         return Path(out)
 
+    def repeat_command(self) -> tuple[str, str]:
+        """The ``cpsam segment`` command and the Python call that repeat what is on screen."""
+        image = self.path if self.path is not None else f"{self.name}.tif"
+        return repeat_command(self.model, self.settings, self.sources, image,
+                              self.save_path.value or "masks/")
+
     # -- internals ------------------------------------------------------------------------
     _silent = False
 
-    def _default_save_path(self) -> Path:
-        folder = self.path.parent if self.path is not None else Path(".")
-        return folder / f"{self.name}_masks.tif"
+    _mirroring = False
+
+    def _mirror(self, target: W.Widget, convert: Any, back: Any) -> Any:
+        """Keep a slider and its typed value together: set ``target`` to ``convert(new)``
+        (a slider is clamped to its range, and left alone when it already stands for the
+        typed value: ``back(slider) == typed``)."""
+
+        def on_change(change: dict) -> None:
+            if self._mirroring or (back is not None and back(target.value) == change["new"]):
+                return
+            v = convert(change["new"])
+            if back is not None:
+                lo, hi = target.min, target.max
+                if hasattr(target, "base"):  # log slider: min/max are exponents
+                    lo, hi = target.base**lo, target.base**hi
+                v = min(max(v, lo), hi)
+            self._mirroring = back is not None  # a typed value is not rounded back by its slider
+            try:
+                target.value = v
+            finally:
+                self._mirroring = False
+
+        return on_change
+
+    @property
+    def segment_kwargs(self) -> dict[str, Any]:
+        """What ``model.segment`` gets: the recommended and the user's settings."""
+        return segment_kwargs(self.model, self.settings, self.sources) if self.model is not None else {}
+
+    def _sync_settings(self, options: Any) -> None:
+        """Record the post-processing settings of ``options`` (the result on screen); a value
+        that differs from the one recorded is the user's (a slider, or a given result)."""
+        for k in MASK_KEYS:
+            v = getattr(options, k, None)
+            if self.settings.get(k) != v:
+                self.settings[k], self.sources[k] = v, "user"
+
+    def _show_settings(self) -> None:
+        import html as _html
+
+        self.settings_line.value = (
+            "<span style='font-size:11px;opacity:0.85'>settings: "
+            f"{_html.escape(describe_settings(self.settings, self.sources))}</span>")
+        if self.model is None:
+            self.repeat.value = ""
+            return
+        cli, py = self.repeat_command()
+        self.repeat.value = (
+            "<details style='font-size:11px'><summary>repeat this run (command line / Python)</summary>"
+            f"<pre style='white-space:pre-wrap;margin:2px 0'>{_html.escape(cli)}</pre>"
+            f"<pre style='white-space:pre-wrap;margin:2px 0'>{_html.escape(py)}</pre></details>")
 
     def _segment(self) -> Any:
         t0 = time.perf_counter()
@@ -228,7 +329,7 @@ class Viewer(Panel):
         if self._silent:
             return
         self._request(dict(cellprob_threshold=float(self.cellprob.value),
-                           flow_threshold=float(self.flow.value), min_size=int(self.min_size.value)))
+                           flow_threshold=float(self.flow_text.value), min_size=int(self.min_size.value)))
 
     def _request(self, changes: dict[str, Any]) -> None:
         if not self.background:
@@ -276,6 +377,7 @@ class Viewer(Panel):
             self._remember(res)
         self.timings["postprocess"] = time.perf_counter() - t0
         self.result = res
+        self._sync_settings(res.options)
         self._show(res)
         return res
 
@@ -294,8 +396,10 @@ class Viewer(Panel):
         pp = self.timings.get("postprocess")
         o = res.options
         self.status.value = status_html(
-            f"cell prob. ≥ {o.cellprob_threshold:g}, flow error ≤ {o.flow_threshold:g}, "
-            f"min size {o.min_size}" + (f" · post-processing {pp * 1000:.0f} ms" if pp else ""))
+            f"cell prob. ≥ {sigmoid(o.cellprob_threshold):.2f} (logit {o.cellprob_threshold:g}), "
+            f"flow error ≤ {o.flow_threshold:g}, min size {o.min_size}"
+            + (f" · post-processing {pp * 1000:.0f} ms" if pp else ""))
+        self._show_settings()
         if self._pending is not None:
             return
         t1 = time.perf_counter()

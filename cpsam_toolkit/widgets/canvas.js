@@ -1,19 +1,5 @@
-"""The canvas front end (ES module, inline: no npm build step, no CDN)."""
-
-CANVAS_CSS = r"""
-.cpsam-root { font: 12px/1.4 var(--jp-ui-font-family, sans-serif); color: var(--jp-ui-font-color1, #222); }
-.cpsam-wrap { position: relative; width: 100%; background: #161616; border-radius: 4px;
-  overflow: hidden; touch-action: none; user-select: none; -webkit-user-select: none; }
-.cpsam-wrap canvas { display: block; width: 100%; height: 100%; outline: none; cursor: crosshair; }
-.cpsam-wrap canvas.cpsam-pan { cursor: grab; }
-.cpsam-wrap canvas.cpsam-panning { cursor: grabbing; }
-.cpsam-tip { position: absolute; pointer-events: none; background: rgba(0,0,0,0.78); color: #fff;
-  padding: 3px 6px; border-radius: 3px; font-size: 11px; white-space: pre; display: none; z-index: 2; }
-.cpsam-status { display: flex; gap: 12px; padding: 2px 4px; font-size: 11px; opacity: 0.85;
-  font-variant-numeric: tabular-nums; }
-"""
-
-CANVAS_ESM = r"""
+// The canvas front end of cpsam_toolkit.widgets.LabelCanvas (an anywidget ES module:
+// no npm build step, no CDN). Loaded by path from canvas.py.
 const TAU = Math.PI * 2;
 const NAMES = { area: "area (px)", mean_cellprob: "cell prob.", flow_error: "flow error",
                 match: "match", iou: "IoU" };
@@ -64,7 +50,7 @@ function render({ model, el }) {
   el.append(root);
   const ctx = canvas.getContext("2d");
 
-  let img = null, W = 0, H = 0, labels = null, ov = null;
+  let raw = null, img = null, W = 0, H = 0, labels = null, ov = null;
   let scale = 1, tx = 0, ty = 0, fitted = false, dpr = window.devicePixelRatio || 1;
   let drag = null, stroke = null, pending = [], hover = null, space = false;
   let rows = new Map(), seqImg = 0, seqLab = 0;
@@ -93,6 +79,32 @@ function render({ model, el }) {
     const xi = Math.floor(p.x + 0.5), yi = Math.floor(p.y + 0.5);
     if (!labels || xi < 0 || yi < 0 || xi >= W || yi >= H) return null;
     return { x: xi, y: yi, id: labels[yi * W + xi] };
+  }
+
+  // brightness / contrast / gamma: a 256-entry lookup table applied to the image's pixels
+  // (in an offscreen canvas, once per change, so drawing stays a plain drawImage)
+  function levelsLUT() {
+    const b = model.get("brightness") || 0, c = model.get("contrast") || 1, g = model.get("gamma") || 1;
+    if (b === 0 && c === 1 && g === 1) return null;
+    const lut = new Uint8ClampedArray(256);
+    for (let v = 0; v < 256; v++) {
+      const y = Math.min(1, Math.max(0, (v / 255 - 0.5) * c + 0.5 + b));
+      lut[v] = Math.round(255 * Math.pow(y, g));
+    }
+    return lut;
+  }
+  function applyLevels() {
+    const lut = levelsLUT();
+    if (!raw || !lut) { img = raw; return; }
+    const off = document.createElement("canvas");
+    off.width = raw.width; off.height = raw.height;
+    const octx = off.getContext("2d");
+    octx.drawImage(raw, 0, 0);
+    const data = octx.getImageData(0, 0, off.width, off.height);
+    const d = data.data;
+    for (let i = 0; i < d.length; i += 4) { d[i] = lut[d[i]]; d[i + 1] = lut[d[i + 1]]; d[i + 2] = lut[d[i + 2]]; }
+    octx.putImageData(data, 0, 0);
+    img = off;
   }
 
   function buildOverlay() {
@@ -197,12 +209,13 @@ function render({ model, el }) {
   async function loadImage() {
     const my = ++seqImg;
     const u8 = bytesOf(model.get("image_png"));
-    if (!u8 || !u8.length) { img = null; draw(); return; }
+    if (!u8 || !u8.length) { raw = null; img = null; draw(); return; }
     const bmp = await createImageBitmap(new Blob([u8], { type: "image/png" }));
     if (my !== seqImg) return;
     const [h, w] = model.get("shape") || [bmp.height, bmp.width];
     if (w !== W || h !== H) { W = w; H = h; fitted = false; }
-    img = bmp;
+    raw = bmp;
+    applyLevels();
     draw();
     rendered();
   }
@@ -229,7 +242,7 @@ function render({ model, el }) {
     const ids = o.label || [];
     for (let r = 0; r < ids.length; r++) rows.set(ids[r], r);
   }
-  function showTip(p, ev) {
+  function showTip(p) {
     const hit = labelAt(p);
     if (!hit) { tip.style.display = "none"; sPos.textContent = ""; return; }
     sPos.textContent = `y ${hit.y}, x ${hit.x}` + (hit.id ? ` · object ${hit.id}` : "");
@@ -287,7 +300,7 @@ function render({ model, el }) {
       if (Math.hypot(p.y - last[0], p.x - last[1]) >= 0.5) stroke.points.push([r2(p.y), r2(p.x)]);
       tip.style.display = "none";
     } else {
-      showTip(p, ev);
+      showTip(p);
     }
     draw();
   }
@@ -302,7 +315,7 @@ function render({ model, el }) {
       send(msg);
       draw();
     }
-    try { canvas.releasePointerCapture(ev.pointerId); } catch (e) { /* not captured */ }
+    try { canvas.releasePointerCapture(ev.pointerId); } catch { /* not captured */ }
   }
   function onWheel(ev) {
     if (!W) return;
@@ -360,6 +373,7 @@ function render({ model, el }) {
   const onOverlay = () => { buildOverlay(); draw(); };
   const onHeight = () => { setHeight(); fitted = false; draw(); };
   const onReset = () => { fitted = false; draw(); };
+  const onLevels = () => { applyLevels(); draw(); rendered(); };
   model.on("change:image_png", loadImage);
   model.on("change:labels_z", loadLabels);
   model.on("change:objects", loadObjects);
@@ -371,6 +385,9 @@ function render({ model, el }) {
   model.on("change:brush_radius", draw);
   model.on("change:label_id", draw);
   model.on("change:height", onHeight);
+  model.on("change:brightness", onLevels);
+  model.on("change:contrast", onLevels);
+  model.on("change:gamma", onLevels);
   model.on("msg:custom", (msg) => { if (msg && msg.type === "reset_view") onReset(); });
   const ro = new ResizeObserver(() => draw());
   ro.observe(wrap);
@@ -391,8 +408,10 @@ function render({ model, el }) {
     model.off("change:brush_radius", draw);
     model.off("change:label_id", draw);
     model.off("change:height", onHeight);
+    model.off("change:brightness", onLevels);
+    model.off("change:contrast", onLevels);
+    model.off("change:gamma", onLevels);
   };
 }
 
 export default { render };
-"""
