@@ -15,7 +15,7 @@ from .. import batch, blockwise, omezarr, volume
 from ..batch import make_jobs
 from ..io import find_images
 from ..omezarr import prepare_outputs
-from ..segment import load_model
+from ..segment import load_model, split_settings
 from ..settings import Settings
 
 EPILOG = """\
@@ -195,6 +195,13 @@ def setting_overrides(args: argparse.Namespace) -> dict[str, Any]:
         given["percentiles"] = tuple(given["percentiles"])
     Settings().replace(**given)  # ValueError naming the setting
     return given
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """The command line's settings on top of the defaults as the older option objects
+    (``input_options``, ``net_options``, ``mask_options``); kept for callers of the old form."""
+    inputs, net, masks = split_settings(Settings().replace(**setting_overrides(args)))
+    return dict(input_options=inputs, net_options=net, mask_options=masks)
 
 
 def print_settings(settings: Settings) -> None:
