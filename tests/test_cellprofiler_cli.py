@@ -262,8 +262,7 @@ def test_shipped_model_exported_counts_close_to_ground_truth(cli, work, data_dir
     for stem in stems:
         shutil.copy(data_dir / DSB / "train" / f"{stem}_img.tif", images / f"{stem}.tif")
     pipeline = build_pipeline(work / "gt.cppipe", "default", remove_border=False,
-                              flow_threshold=shipped_recommended_flow_threshold(),
-                              use_model_settings=False)  # the module's values, as before revision 4
+                              flow_threshold=shipped_recommended_flow_threshold())
     out = work / "out_gt"
     headless(cli, pipeline, out, work, "-i", images)
     rows = {r["FileName_DNA"]: float(r["Count_Nuclei"]) for r in read_csv(out / f"{PREFIX}Image.csv")}

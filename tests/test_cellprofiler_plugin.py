@@ -657,11 +657,7 @@ def test_shipped_model_counts_close_to_ground_truth(data_dir):
     """The shipped model, with the flow threshold its model card recommends for nuclei, on the
     40 held-out DSB fluorescence images: counts close to the annotations (see assert_counts_close)."""
     ft = shipped_recommended_flow_threshold()
-    # the module's own values (flow threshold from the model card), as before revision 4: at the
-    # model's full recommendation (cellprob -0.5, test-time augmentation, chosen for AP) only
-    # 27/40 counts are within tolerance (median relative error 0.19) - a model-settings question
-    module = configure(new_module(), "default", {}, remove_border=False, min_size=15, flow_threshold=ft,
-                       use_model_settings=False)
+    module = configure(new_module(), "default", {}, remove_border=False, min_size=15, flow_threshold=ft)
     counts = {}
     for stem in dsb_fluorescence_val_stems(data_dir):
         img, _ = dsb_image(data_dir, stem)
