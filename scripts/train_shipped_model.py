@@ -210,6 +210,23 @@ half). The network's flows are shorter than their targets (about half their leng
 nuclei), which is why a looser flow-error check (0.6) keeps more correct masks. On H&E alone the
 library default flow threshold 0.4 with TTA scores higher (0.175); set `flow_threshold=0.4` there.
 
+## The CPU path: what buys validation AP per CPU-hour (session 6)
+
+Measured on the 2-core machine (one torch thread; the machine was shared with other jobs, so
+absolute times are pessimistic, ratios are what matter):
+
+| change | cost | effect |
+|---|---|---|
+| choose the stored settings on validation images (`scripts/choose_settings.py`) | ~0.5 CPU-hour, no training | mean AP@0.5 0.229 -> **0.296**, every set better (table above) |
+| warm restart on the complete sets (split v2, lr 5e-4, `--polish`), 20 epochs | 41 min wall-clock on one thread of the loaded machine (train + one validation) | mean AP@0.5 at defaults 0.229 -> 0.202 (DSB 0.513, Usiigaci 0.017, CoNSeP 0.077): worse so far; stopped, not shipped |
+| bf16 autocast for the training step | - | 3.34 s vs 3.46 s per batch of 8 (fp32): within noise on this CPU (AVX-512 BF16, no AMX) |
+| a faster data pipeline | - | augmentation costs 11-15 ms per sample (degradations on 0-50%) against ~430 ms of network forward+backward per sample: under 4%, nothing to gain |
+| distillation from a better checkpoint | - | none can be had offline: the official weights are a download and the GPU run (`benchmarks/gpu_run.sh`) has not run yet |
+
+So on CPUs the network step is the whole cost, and more epochs of this 2.2 M-parameter network
+buy little per hour; the way to a model that beats classical segmentation is the prepared GPU
+run (a width-384 ViT trained for ~8 GPU minutes sees far more crops than this model saw in hours).
+
 Validation loss (same loss as training, on fixed centre crops) is also logged per epoch in the
 run's `log.jsonl`. These are numbers on held-out images of the *same* sources as training; expect
 less on other microscopes, stains or cell types.

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import shipped_recommended_flow_threshold
 
 from cpsam_toolkit.widgets.demo import shipped_model_available
 
@@ -92,8 +93,9 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
         assert "objects; post-processing" in text
         assert list(out.glob("*_masks.tif"))
         if shipped_model_available():  # the viewer uses the model's recommended setting, and says so
-            assert "'flow_threshold': '0.8 (model)'" in text, text
-            assert "cpsam segment " in text and "--flow-threshold 0.8" in text
+            ft = f"{shipped_recommended_flow_threshold():g}"
+            assert f"'flow_threshold': '{ft} (model)'" in text, text
+            assert "cpsam segment " in text and f"--flow-threshold {ft}" in text
     elif path.stem == "02_correct_and_finetune":
         assert len(list((out / "02" / "corrected").glob("*_masks.tif"))) == 8
         assert "('bf_08275a5b', 'corrected')" in text and "base  (starting model)" in text
