@@ -12,6 +12,7 @@ outputs agree.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import tempfile
@@ -22,16 +23,19 @@ import numpy as np
 import tifffile
 import torch
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(os.environ.get("CPSAM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-def median_time(fn, reps: int) -> float:
-    ts = []
+def median_time(fn, reps: int) -> tuple[float, float]:
+    """Median wall and process CPU seconds of ``reps`` calls (CPU sums all threads; on a shared
+    machine it is the steadier figure)."""
+    ts, cs = [], []
     for _ in range(reps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        cs.append(time.process_time() - c)
+    return statistics.median(ts), statistics.median(cs)
 
 
 def make_weights(depth: int, path: Path) -> None:
@@ -53,8 +57,19 @@ def test_image(size: int) -> np.ndarray:
     return np.tile(img, (reps, reps))[:size, :size]
 
 
+def paired(fn_a, fn_b, reps: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """:func:`median_time` of two functions, their calls alternated (a, b, a, b, ...) so that a
+    changing load on a shared machine falls on both."""
+    runs_a, runs_b = [], []
+    for _ in range(reps):
+        runs_a.append(median_time(fn_a, 1))
+        runs_b.append(median_time(fn_b, 1))
+    med = lambda runs: (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))  # noqa: E731
+    return med(runs_a), med(runs_b)
+
+
 def bench_dtype(dt: str, weights: Path, args: argparse.Namespace) -> list[tuple]:
-    """Rows (task, reference s, ours s, note) for one precision."""
+    """Rows (task, reference (wall, CPU) s, ours (wall, CPU) s, note) for one precision."""
     from cellpose import models
 
     import cpsam_toolkit as cp
@@ -68,17 +83,17 @@ def bench_dtype(dt: str, weights: Path, args: argparse.Namespace) -> list[tuple]
     with torch.inference_mode():  # network only: one batch of tiles, after a warm-up
         ref.net(xr[:1])
         ours.net(xo[:1])
-        t_ref = median_time(lambda: ref.net(xr), args.reps) / args.batch_size
-        t_our = median_time(lambda: ours.net(xo), args.reps) / args.batch_size
+        t_ref, t_our = paired(lambda: ref.net(xr), lambda: ours.net(xo), args.reps)
+        t_ref, t_our = (tuple(t / args.batch_size for t in ts) for ts in (t_ref, t_our))
     rows = [(f"network, one 256² tile ({dt}, batch {args.batch_size})", t_ref, t_our, "")]
+    warm = test_image(256)  # first calls: allocator pools, compiled kernels, caches
+    ref.eval(warm, batch_size=args.batch_size)
+    ours.segment(warm, batch_size=args.batch_size)
     for size in args.size:
         img = test_image(size)
         out = {}
-        t_ref = median_time(
+        t_ref, t_our = paired(
             lambda img=img, out=out: out.update(ref=ref.eval(img, batch_size=args.batch_size)[0]),
-            max(1, args.reps - 2),
-        )
-        t_our = median_time(
             lambda img=img, out=out: out.update(our=ours.segment(img, batch_size=args.batch_size).masks),
             max(1, args.reps - 2),
         )
@@ -95,7 +110,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"])
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
@@ -104,9 +122,12 @@ def main() -> None:
         make_weights(args.depth, w)
         rows = [r for dt in args.dtypes for r in bench_dtype(dt, w, args)]
         print(f"\nViT encoder depth {args.depth} (24 = ViT-L), random weights; medians")
-        print(f"{'task':50s} {'reference':>10s} {'ours':>10s} {'ratio':>7s}")
-        for name, a, b, note in rows:
-            print(f"{name:50s} {a:9.2f}s {b:9.2f}s {a / b:6.2f}x  {note}")
+        print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+        print("| task | reference wall / CPU (s) | ours wall / CPU (s) | ratio wall / CPU | note |")
+        print("|---|---|---|---|---|")
+        for name, (a, ca), (b, cb), note in rows:
+            print(f"| {name} | {a:.2f} / {ca:.2f} | {b:.2f} / {cb:.2f} | **{a / b:.2f}x** / "
+                  f"{ca / cb:.2f}x | {note} |")
 
 
 if __name__ == "__main__":

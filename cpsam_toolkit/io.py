@@ -55,6 +55,10 @@ def imread(path: str | os.PathLike) -> np.ndarray:
             arr = load_plain_npy(path)
             if not isinstance(arr, np.ndarray):  # a cellpose _seg.npy: its labels
                 arr = masks_of(check_seg(arr, path))
+            elif arr.dtype.hasobject:
+                raise ImageReadError(
+                    f"{path}: not a readable .npy image: it holds Python objects (dtype object), not "
+                    "pixels; save the image as a numeric array (np.save(path, image)) or a TIFF")
         else:
             import imageio.v3 as iio
 

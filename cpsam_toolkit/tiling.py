@@ -9,6 +9,11 @@ alternate tiles are flipped and flipped back.
 Unlike the reference, tiles are streamed: a batch may hold tiles of several images, tiles are
 cut only when their batch runs, and each image's blended result is released as soon as its
 last tile is done, so memory stays bounded by the batch plus the images in flight.
+
+Tiles whose input is constant (every channel one value: empty padding, blank background, a
+saturated or masked-out area) are run through the network once per distinct value and the
+output is reused (:func:`constant_tile_key`): the network is a deterministic function of its
+input, so the reused output is the one the tile would have got (tested bit for bit).
 """
 
 from __future__ import annotations
@@ -115,6 +120,27 @@ def cut_tile(padded: np.ndarray, plan: TilePlan, k: int) -> np.ndarray:
     return np.flip(t, axes) if axes else t
 
 
+def constant_tile_key(tile: np.ndarray) -> bytes | None:
+    """Key of a tile whose every channel is constant (its values, as bytes), else ``None``.
+
+    Parameters
+    ----------
+    tile : (C, tile, tile) float32 array
+        One network input, channels zero-padded to the batch's channel count.
+
+    Returns
+    -------
+    bytes or None
+        Equal keys mean equal inputs, hence equal network outputs: such tiles need the network
+        once. NaN never matches (a NaN tile is run).
+    """
+    flat = tile.reshape(tile.shape[0], -1)
+    first = flat[:, :1]
+    if not (flat == first).all():
+        return None
+    return first.tobytes() + str(tile.shape).encode()
+
+
 class _Accumulator:
     """Running taper-weighted sum of one image's tile outputs."""
 
@@ -153,6 +179,7 @@ def run_tiled(
     overlap: float = 0.1,
     augment: bool = False,
     on_batch: Callable[[int], None] | None = None,
+    skip_constant: bool = True,
 ) -> Iterator[np.ndarray]:
     """Run ``predict`` over the tiles of many images, batching across image boundaries.
 
@@ -168,6 +195,9 @@ def run_tiled(
         Tiles per network call.
     on_batch : callable, optional
         Called with the number of tiles after each network call (progress bars).
+    skip_constant : bool
+        Run tiles of constant input once per distinct value and reuse the output (the same
+        output; see :func:`constant_tile_key`). Up to 16 such outputs are kept per run.
 
     Yields
     ------
@@ -181,6 +211,7 @@ def run_tiled(
     it = iter(images)
     exhausted = False
     first = 0  # index in `pending` of the oldest unfinished image
+    cache: dict[bytes, np.ndarray] = {}  # network outputs of constant tiles
 
     def flush(n: int) -> None:
         batch = queue[:n]
@@ -190,7 +221,8 @@ def run_tiled(
         for b, (i, k) in enumerate(batch):
             t = cut_tile(pending[i][1], pending[i][2], k)
             x[b, : t.shape[0]] = t
-        y = np.asarray(predict(x), dtype=np.float32)
+        y = _predict_skipping(predict, x, cache) if skip_constant else np.asarray(
+            predict(x), dtype=np.float32)
         for b, (i, k) in enumerate(batch):
             acc, padded, plan = pending[i]
             if acc is None:
@@ -222,3 +254,35 @@ def run_tiled(
             first += 1
         if exhausted and not queue and first == len(pending):
             return
+
+
+_MAX_CONSTANT_OUTPUTS = 16
+
+
+def _predict_skipping(
+    predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, cache: dict[bytes, np.ndarray]
+) -> np.ndarray:
+    """``predict(x)``, with tiles of constant input run once per distinct value (``cache``)."""
+    keys = [constant_tile_key(t) for t in x]
+    run, first_of = [], {}
+    for b, key in enumerate(keys):
+        if key is None or (key not in cache and key not in first_of):
+            run.append(b)
+            if key is not None:
+                first_of[key] = b
+    if len(run) == len(x):
+        y = np.asarray(predict(x), dtype=np.float32)
+    else:
+        y_run = np.asarray(predict(x[run]), dtype=np.float32) if run else None
+        shape = y_run.shape[1:] if y_run is not None else next(
+            cache[k] for k in keys if k is not None).shape
+        y = np.empty((len(x), *shape), np.float32)
+        if y_run is not None:
+            y[run] = y_run
+    for key, b in first_of.items():
+        if len(cache) < _MAX_CONSTANT_OUTPUTS:
+            cache[key] = y[b].copy()
+    for b, key in enumerate(keys):
+        if key is not None and b not in run:
+            y[b] = cache[key] if key in cache else y[first_of[key]]
+    return y

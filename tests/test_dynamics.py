@@ -9,6 +9,7 @@ import torch
 from conftest import load_pair, stems
 from scipy.optimize import linear_sum_assignment
 
+from cpsam_toolkit import _jit, dynamics
 from cpsam_toolkit.dynamics import (
     compute_masks,
     fill_holes_and_remove_small_masks,
@@ -140,6 +141,37 @@ def test_follow_flows_is_bit_exact(real_cases):
     plain = follow_flows(step, inds, niter=200, device="cpu", dedupe=False)
     assert merged.dtype == torch.int32 and merged.shape == (2, len(inds[0]))
     assert torch.equal(merged, ref) and torch.equal(plain, ref)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_follow_flows_in_chunks_with_or_without_numba_is_bit_exact(real_cases, monkeypatch, compiled):
+    # CPU tracking runs in chunks of points (merges stay within a chunk) with numba kernels for
+    # the update and the merge; neither may change a bit
+    gt = real_cases["usiigaci_phase"]
+    flows, cellprob = network_like(gt, 1.0, seed=4)
+    fg = cellprob > 0
+    inds = np.nonzero(fg)
+    step = flows * fg / 5.0
+    ref = ref_dyn.follow_flows(step, inds, niter=200, device=CPU).int()
+    monkeypatch.setattr(dynamics, "_CPU_CHUNK", 3000)
+    if not compiled:
+        monkeypatch.setattr(dynamics, "_add_clip", None)
+        monkeypatch.setattr(dynamics, "_dedupe_cpu", None)
+    elif not _jit.ready(dynamics._add_clip):
+        pytest.skip("numba is not available")
+    assert torch.equal(follow_flows(step, inds, niter=200, device="cpu"), ref)
+
+
+@pytest.mark.skipif(not _jit.ready(dynamics._dedupe_cpu), reason="numba is not available")
+def test_compiled_merge_is_exact():
+    rng = np.random.default_rng(0)
+    pos = rng.integers(-3, 4, (2, 5000)).astype(np.float32) / 4  # many exact duplicates
+    pos[:, :3] = [[0.0, -0.0, 0.0], [0.5, 0.5, 0.5]]  # -0.0 differs in bits: kept apart
+    remap, kept = dynamics._dedupe_cpu(pos)
+    merged = pos[:, kept]
+    assert len(kept) == len(np.unique(pos.view(np.uint32), axis=1).T)
+    np.testing.assert_array_equal(merged[:, remap].view(np.uint32), pos.view(np.uint32))
+    assert remap[0] == remap[2] != remap[1]
 
 
 def test_3d_matches_reference(data_dir):

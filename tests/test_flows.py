@@ -8,7 +8,9 @@ import pytest
 import torch
 from conftest import load_pair, stems
 
+from cpsam_toolkit import _jit, flows
 from cpsam_toolkit.flows import (
+    diffusion_heat,
     diffusion_iterations,
     labels_to_training_targets,
     masks_to_flows,
@@ -83,6 +85,24 @@ def test_3d_matches_reference(data_dir):
     assert ours.shape == (3, *masks.shape)
     stats = _agreement(ours, ref, masks)
     assert stats["mean_cos"] > 0.99999 and stats["p99_deg"] < 0.01, stats
+
+
+@pytest.mark.skipif(not _jit.ready(flows._diffuse_jit[2]), reason="numba is not available")
+@pytest.mark.parametrize("name", ["dsb_nuclei", "usiigaci_phase", "consep_touching", "embryo_3d"])
+def test_compiled_diffusion_gives_the_same_bits(real_masks, data_dir, monkeypatch, name):
+    # the per-object numba kernels repeat the batched NumPy loop's float32 operations in order
+    if name == "embryo_3d":
+        masks = load_pair(data_dir, "qcanet_mouse_embryo_3d", "8_cell_stage")[1]
+    else:
+        masks = real_masks[name].astype(np.int32)  # another label dtype than the other tests
+    compiled = diffusion_heat(masks, device="cpu")
+    monkeypatch.setattr(flows, "_diffuse_jit", {})
+    batched = diffusion_heat(masks, device="cpu")
+    assert compiled.dtype == torch.float32 and compiled.shape == batched.shape
+    assert torch.equal(compiled, batched)
+    inner = (slice(1, -1),) * masks.ndim
+    assert not compiled[inner][torch.from_numpy(masks == 0)].any()
+    assert compiled.sum() > 0
 
 
 def test_touching_objects_use_the_shared_heat_image():
