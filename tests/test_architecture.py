@@ -17,7 +17,7 @@ PKG = Path(__file__).resolve().parents[1] / "cpsam_toolkit"
 
 #: lowest first; patterns are module names relative to the package ("" is the package itself)
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("settings", "device", "io", "cellpose_files", "omezarr", "outputs", "preprocess",
+    ("base", ("settings", "device", "_jit", "io", "cellpose_files", "omezarr", "outputs", "preprocess",
               "tiling", "flows", "dynamics", "metrics", "network", "network.*")),
     ("core", ("core", "core.*")),
     ("modes", ("modes", "modes.*")),
