@@ -48,8 +48,9 @@ for _p in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(_p))
 
 #: post-processing settings passed to both pipelines in the masks comparison (explicitly: the
-#: library applies a model file's recommended settings, the reference does not)
-SAME = {"flow_threshold": 0.4, "cellprob_threshold": 0.0, "min_size": 15}
+#: library applies a model file's recommended settings, e.g. test-time augmentation; the
+#: reference does not)
+SAME = {"flow_threshold": 0.4, "cellprob_threshold": 0.0, "min_size": 15, "augment": False}
 #: forward FLOPs of one 256² tile through the ViT-L encoder (24 blocks), as the issue states
 VITL_TILE_FLOP = 0.72e12
 

@@ -74,7 +74,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
 import time
 
 import numpy as np
@@ -151,45 +150,12 @@ class CellposeSAMError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------
-# Model cache.
-#
-# Intentional, process-wide cache: loading Cellpose-SAM costs seconds (and GPU memory), so the
-# model is loaded once per Python process and reused for every image set, group and pipeline
-# run in that process, and by every RunCellposeSAM module that asks for the same weights. The
-# key is (weights name or resolved file path + its size and modification time, device, dtype),
-# so a re-saved model file is picked up, and asking for another device loads another copy.
-# CellProfiler's GUI analysis starts one worker process per core: each worker holds its own
-# copy. `clear_model_cache()` drops every model (and frees GPU memory).
+# The library does the work: one process-wide model cache (cpsam_toolkit.model_cache, shared with
+# batch runs; each CellProfiler worker process holds its own copy), one out-of-memory policy
+# (the model halves its batch and remembers the size that fit), label filtering
+# (result.select), plane-by-plane volumes (cpsam_toolkit.volume.segment_planes). cpsam_toolkit
+# is imported on first use only, so CellProfiler can list this module without torch.
 # --------------------------------------------------------------------------------------------
-_MODEL_CACHE: dict[tuple, object] = {}
-#: largest batch size known to fit on a device for a cached model (after CUDA out-of-memory)
-_SAFE_BATCH: dict[tuple, int] = {}
-_CACHE_LOCK = threading.Lock()
-
-
-def clear_model_cache() -> None:
-    """Forget every cached model and release cached GPU memory."""
-    with _CACHE_LOCK:
-        _MODEL_CACHE.clear()
-        _SAFE_BATCH.clear()
-    _empty_gpu_cache()
-
-
-def _empty_gpu_cache() -> None:
-    torch = sys.modules.get("torch")  # never import torch just for this
-    if torch is None:
-        return
-    try:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        mps = getattr(torch, "mps", None)
-        if mps is not None and getattr(torch.backends, "mps", None) and \
-                torch.backends.mps.is_available():
-            mps.empty_cache()
-    except Exception as e:  # releasing memory must never fail a run
-        LOGGER.debug("could not empty the GPU cache: %s", e)
-
-
 def _import_toolkit():
     try:
         import cpsam_toolkit
@@ -207,65 +173,27 @@ def _import_toolkit():
     return cpsam_toolkit
 
 
-def _model_key(spec: str | None, device: str, dtype) -> tuple:
-    if spec is not None and (os.path.sep in spec or os.path.isfile(spec)):
-        path = os.path.realpath(spec)
-        try:
-            st = os.stat(path)
-            spec_key = (path, st.st_size, st.st_mtime_ns)
-        except OSError:
-            spec_key = (path,)
-    else:
-        spec_key = (spec,)
-    return (spec_key, device, str(dtype))
-
-
 def get_model(spec: str | None, device: str = "auto", dtype=None):
-    """Return the cached model for (weights, device, dtype), loading it on first use.
+    """``(model, key)``: the cached model for (weights, device, dtype), loaded on first use
+    (:func:`cpsam_toolkit.model_cache.get_model`)."""
+    _import_toolkit()
+    from cpsam_toolkit import model_cache
 
-    ``spec`` is None for the shipped default, a registered model name, or a file path.
-    ``device`` is "auto", "cpu", "gpu" (or any device string cpsam_toolkit accepts).
-    """
-    key = _model_key(spec, device, dtype)
-    with _CACHE_LOCK:
-        model = _MODEL_CACHE.get(key)
-        if model is None:
-            cp = _import_toolkit()
-            t0 = time.perf_counter()
-            model = cp.load_model(spec, device=device, dtype=dtype)
-            LOGGER.info(
-                "RunCellposeSAM: loaded model %s on %s in %.1f s",
-                getattr(model, "name", spec), device, time.perf_counter() - t0,
-            )
-            _MODEL_CACHE[key] = model
-    return model, key
+    return model_cache.get_model(spec, device, dtype)
 
 
-_SHA_CACHE: dict[str, str] = {}
+def clear_model_cache() -> None:
+    """Forget every cached model and release cached GPU memory."""
+    cache = sys.modules.get("cpsam_toolkit.model_cache")  # nothing cached if never imported
+    if cache is not None:
+        cache.clear_model_cache()
 
 
 def model_sha256(model) -> str:
-    """SHA-256 of the model's weights file (from ``model.info``, else hashed once per file)."""
-    info = getattr(model, "info", None) or {}
-    if info.get("sha256"):
-        return str(info["sha256"])
-    path = info.get("path")
-    if not path or not os.path.isfile(path):
-        return ""
-    try:
-        st = os.stat(path)
-        key = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
-        if key not in _SHA_CACHE:
-            import hashlib
+    """SHA-256 of the model's weights file ('' if unknown; hashed once per file)."""
+    from cpsam_toolkit.model_cache import weights_sha256
 
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            _SHA_CACHE[key] = h.hexdigest()
-        return _SHA_CACHE[key]
-    except OSError:
-        return ""
+    return weights_sha256(model)
 
 
 def shipped_model_name() -> str:
@@ -277,117 +205,10 @@ def shipped_model_name() -> str:
     return DEFAULT_MODEL
 
 
-def _is_out_of_memory(e: BaseException) -> bool:
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
-        if oom is not None and isinstance(e, oom):
-            return True
-    # not MemoryError: cpsam-toolkit raises it after its own fallback already reached batch 1
-    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
-
-
-def segment_with_fallback(model, data, key, batch_size: int, **kwargs):
-    """``model.segment(data, batch_size=..., **kwargs)``, halving the batch on out-of-memory.
-
-    The batch size that worked is remembered for this model (``_SAFE_BATCH``) so later images
-    do not hit the same error again. At batch size 1 the error is raised.
-    """
-    bs = max(1, min(int(batch_size), _SAFE_BATCH.get(key, int(batch_size))))
-    while True:
-        try:
-            result = model.segment(data, batch_size=bs, **kwargs)
-        except Exception as e:
-            if not _is_out_of_memory(e) or bs == 1:
-                raise
-            _empty_gpu_cache()
-            new_bs = max(1, bs // 2)
-            LOGGER.warning(
-                "RunCellposeSAM: out of GPU memory with batch size %d; retrying with %d. "
-                "Lower the batch size setting (or use fewer CellProfiler workers per GPU) "
-                "to avoid this.", bs, new_bs,
-            )
-            bs = new_bs
-            _SAFE_BATCH[key] = bs
-            continue
-        return result
-
-
-def _objects_of(result) -> dict | None:
-    """``result.objects`` (per-object table), or None if the library cannot give one."""
-    try:
-        return getattr(result, "objects", None)
-    except Exception as e:  # e.g. a table not implemented for this kind of result
-        LOGGER.debug("no per-object table from cpsam-toolkit: %s", e)
-        return None
-
-
-def _is_3d_unsupported(e: BaseException) -> bool:
-    if isinstance(e, NotImplementedError):
-        return True
-    msg = str(e)
-    return isinstance(e, TypeError) and ("do_3d" in msg or "z_axis" in msg or "anisotropy" in msg)
-
-
-# --------------------------------------------------------------------------------------------
-# Label-matrix helpers (numpy only)
-# --------------------------------------------------------------------------------------------
-def relabel_sequential(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Relabel to 1..N keeping order; returns (new labels int32, old label of each new label)."""
-    labels = np.asarray(labels)
-    old = np.unique(labels)
-    old = old[old > 0]
-    lut = np.zeros(int(labels.max(initial=0)) + 1, dtype=np.int32)
-    lut[old] = np.arange(1, len(old) + 1, dtype=np.int32)
-    return lut[labels], old.astype(np.int64)
-
-
-def border_labels(labels: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """Labels touching any face of the array (all 4 edges in 2D, all 6 faces in 3D) or
-    overlapping pixels outside ``mask``."""
-    found = []
-    for axis in range(labels.ndim):
-        found.append(np.take(labels, 0, axis=axis).ravel())
-        found.append(np.take(labels, -1, axis=axis).ravel())
-    if mask is not None:
-        found.append(labels[~np.asarray(mask, bool)])
-    u = np.unique(np.concatenate(found))
-    return u[u > 0]
-
-
-def remove_labels(labels: np.ndarray, remove: np.ndarray) -> np.ndarray:
-    out = labels.copy()
-    if len(remove):
-        out[np.isin(labels, remove)] = 0
-    return out
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
-
-
-def _per_object(objects: dict | None, field: str, old_labels: np.ndarray) -> np.ndarray | None:
-    """Values of ``objects[field]`` for each label in ``old_labels`` (NaN where unknown)."""
-    if not objects or field not in objects or "label" not in objects:
-        return None
-    lab = np.asarray(objects["label"]).astype(np.int64).ravel()
-    val = np.asarray(objects[field], dtype=np.float64).ravel()
-    out = np.full(len(old_labels), np.nan)
-    if len(lab) == 0 or len(old_labels) == 0:
-        return out
-    order = np.argsort(lab)
-    lab, val = lab[order], val[order]
-    idx = np.clip(np.searchsorted(lab, old_labels), 0, len(lab) - 1)
-    hit = lab[idx] == old_labels
-    out[hit] = val[idx[hit]]
-    return out
-
-
 class RunCellposeSAM(ImageSegmentation):
     category = "Object Processing"
     module_name = "RunCellposeSAM"
-    variable_revision_number = 3
+    variable_revision_number = 4
 
     # ------------------------------------------------------------------ settings
     def create_settings(self):
@@ -452,6 +273,14 @@ class RunCellposeSAM(ImageSegmentation):
             "Run on", DEVICE_CHOICES, value=DEVICE_AUTO,
             doc=f"*{DEVICE_AUTO}* uses a GPU when one is available, else the CPU. *{DEVICE_GPU}* "
                 "stops with an error if there is no usable GPU (NVIDIA CUDA or Apple MPS).",
+        )
+        self.use_model_settings = Binary(
+            "Use the model's recommended settings?", True,
+            doc="A model file can carry the settings chosen for it on validation images (for "
+                "example the shipped model's flow threshold 0.8). Yes: those values replace "
+                "the flow threshold, cell probability threshold and diameter below where the "
+                "model recommends one (the module window lists which came from the model). "
+                "No: the values below are used as they are.",
         )
         self.batch_size = Integer(
             "Batch size", 8,
@@ -562,6 +391,7 @@ class RunCellposeSAM(ImageSegmentation):
             self.wants_confidence,
             self.split_by_class,
             self.diameter,
+            self.use_model_settings,
         ]
 
     def visible_settings(self):
@@ -573,7 +403,8 @@ class RunCellposeSAM(ImageSegmentation):
         result += [self.model_choice]
         if self.model_choice == MODEL_CUSTOM:
             result += [self.model_directory, self.model_file_name]
-        result += [self.device, self.batch_size, self.flow_threshold, self.cellprob_threshold,
+        result += [self.device, self.batch_size, self.use_model_settings, self.flow_threshold,
+                   self.cellprob_threshold,
                    self.diameter, self.min_size, self.remove_border, self.do_3d]
         if self.do_3d:
             result += [self.anisotropy]
@@ -592,6 +423,10 @@ class RunCellposeSAM(ImageSegmentation):
             # revision 2 had no "Save one object set per class?" and no diameter setting
             setting_values = list(setting_values) + ["No", "0.0"]
             variable_revision_number = 3
+        if variable_revision_number == 3:
+            # revision 3 had no "Use the model's recommended settings?": its values were used
+            setting_values = list(setting_values) + ["No"]
+            variable_revision_number = 4
         if variable_revision_number != self.variable_revision_number:
             raise ValueError(
                 f"RunCellposeSAM settings revision {variable_revision_number} is newer than this "
@@ -721,18 +556,17 @@ class RunCellposeSAM(ImageSegmentation):
     def _class_names(self) -> tuple[str, ...]:
         """The model's object classes (panoptic models; read from the file's metadata)."""
         try:
-            from cpsam_toolkit.panoptic import model_class_names
-
-            return tuple(model_class_names(self.model_spec()))
-        except Exception:  # noqa: BLE001 - no toolkit / no file: nothing to declare
+            from cpsam_toolkit.modes.panoptic import model_class_names
+        except ImportError:  # no toolkit here: nothing to declare (validation says so)
             return ()
+        return tuple(model_class_names(self.model_spec()))
 
     def _class_features(self) -> list[str]:
         """Per-object class features when the model has classes (cpsam_toolkit.panoptic)."""
         names = self._class_names()
         if not names:
             return []
-        from cpsam_toolkit.panoptic import measurement_features
+        from cpsam_toolkit.modes.panoptic import measurement_features
 
         return measurement_features(names)
 
@@ -741,7 +575,7 @@ class RunCellposeSAM(ImageSegmentation):
         names = self._class_names() if self.split_by_class else ()
         if not names:
             return []
-        from cpsam_toolkit.panoptic import class_object_names
+        from cpsam_toolkit.modes.panoptic import class_object_names
 
         return class_object_names(self.y_name.value, names)
 
@@ -847,54 +681,31 @@ class RunCellposeSAM(ImageSegmentation):
             return channels[0].astype(np.float32, copy=False), None
         return np.stack(channels, axis=-1).astype(np.float32, copy=False), -1
 
-    def _segment(self, model, key, data, channel_axis, volumetric):
-        """Run the library; returns (masks, cellprob, objects dict or None) before filtering."""
-        kwargs = dict(
-            channel_axis=channel_axis,
-            flow_threshold=float(self.flow_threshold.value),
-            cellprob_threshold=float(self.cellprob_threshold.value),
-            min_size=0,  # size filtering is done here, to keep the unfiltered objects
-        )
-        if self.diameter.value > 0:
-            kwargs["diameter"] = float(self.diameter.value)
-        bs = int(self.batch_size.value)
+    def library_settings(self, model, channel_axis):
+        """The module's values as one cpsam_toolkit Settings: on top of the model's
+        recommended settings ('Use the model's recommended settings?'), else the defaults."""
+        from cpsam_toolkit.settings import Settings
+
+        base = model.settings if self.use_model_settings else Settings()
+        values = {"flow_threshold": float(self.flow_threshold.value),
+                  "cellprob_threshold": float(self.cellprob_threshold.value),
+                  "diameter": float(self.diameter.value) if self.diameter.value > 0 else None}
+        if self.use_model_settings:
+            values = {k: v for k, v in values.items() if base.sources[k] != "model"}
+        # min_size 0: sizes are filtered here, so the unfiltered objects are kept too
+        return base.replace(channel_axis=channel_axis, batch_size=int(self.batch_size.value),
+                            min_size=0, **values)
+
+    def _segment(self, model, data, channel_axis, volumetric, settings):
+        """The library's result (2D, 3D or plane by plane), before size and border filtering."""
         if volumetric and self.do_3d:
-            try:
-                res = segment_with_fallback(
-                    model, data, key, bs, do_3d=True, z_axis=0,
-                    anisotropy=float(self.anisotropy.value), **kwargs)
-            except Exception as e:
-                if _is_3d_unsupported(e):
-                    raise CellposeSAMError(
-                        "this version of cpsam-toolkit cannot segment in 3D yet "
-                        f"({e.__class__.__name__}: {e}). Set 'Segment volumes in 3D?' to No to "
-                        "segment each plane on its own, or upgrade cpsam-toolkit.") from e
-                raise
-            return np.asarray(res.masks), np.asarray(res.cellprob), _objects_of(res)
+            return model.segment(data, settings, do_3d=True, z_axis=0,
+                                 anisotropy=float(self.anisotropy.value))
         if volumetric:
-            planes = [data[z] for z in range(data.shape[0])]
-            results = segment_with_fallback(model, planes, key, bs, **kwargs)
-            masks = np.zeros(data.shape[:3], np.int64)
-            cellprob = np.zeros(data.shape[:3], np.float32)
-            objs: dict[str, list] = {"label": [], "mean_cellprob": [], "flow_error": [],
-                                     "class_id": []}
-            offset = 0
-            for z, res in enumerate(results):
-                m = np.asarray(res.masks).astype(np.int64)
-                masks[z] = np.where(m > 0, m + offset, 0)
-                cellprob[z] = res.cellprob
-                o = _objects_of(res) or {}
-                if "label" in o:
-                    objs["label"].append(np.asarray(o["label"], np.int64) + offset)
-                    for f in ("mean_cellprob", "flow_error", "class_id"):
-                        v = o.get(f)
-                        objs[f].append(np.full(len(o["label"]), np.nan) if v is None
-                                       else np.asarray(v, np.float64))
-                offset += int(m.max(initial=0))
-            objects = {k: np.concatenate(v) if v else np.zeros(0) for k, v in objs.items()}
-            return masks, cellprob, objects
-        res = segment_with_fallback(model, data, key, bs, **kwargs)
-        return np.asarray(res.masks), np.asarray(res.cellprob), _objects_of(res)
+            from cpsam_toolkit.volume import segment_planes
+
+            return segment_planes(model, data, settings, z_axis=0)
+        return model.segment(data, settings)
 
     def run(self, workspace):
         try:
@@ -926,7 +737,7 @@ class RunCellposeSAM(ImageSegmentation):
                 "and 'Model file name' (on a cluster, the path must exist on every node).")
         device = _DEVICE_ARG[self.device.value]
         try:
-            model, key = get_model(spec, device)
+            model, _ = get_model(spec, device)
         except ValueError as e:
             if device == "gpu":
                 raise CellposeSAMError(
@@ -934,36 +745,32 @@ class RunCellposeSAM(ImageSegmentation):
                     "'CPU'.") from e
             raise
 
+        from cpsam_toolkit.core.postprocess import sigmoid, touching_border
+
+        settings = self.library_settings(model, channel_axis)
         t0 = time.perf_counter()
-        raw, cellprob, lib_objects = self._segment(model, key, data, channel_axis, volumetric)
+        result = self._segment(model, data, channel_axis, volumetric, settings)
         elapsed = time.perf_counter() - t0
 
-        raw = np.asarray(raw)
-        if raw.shape != data.shape[: raw.ndim] or raw.ndim != (3 if volumetric else 2):
-            raise CellposeSAMError(
-                f"the segmentation library returned masks of shape {raw.shape} for an image of "
-                f"shape {data.shape}")
-        unedited = raw.astype(np.int32, copy=False)
-
+        unedited = np.asarray(result.masks).astype(np.int32, copy=False)
+        table = result.objects
         # size filter (objects smaller than min_size), then border/mask filter
-        small_removed = unedited
-        n_small = 0
-        if self.min_size.value > 0 and unedited.max(initial=0) > 0:
-            areas = np.bincount(unedited.ravel())
-            small = np.flatnonzero(areas < self.min_size.value)
-            small = small[(small > 0) & (areas[small] > 0)]
-            n_small = len(small)
-            small_removed = remove_labels(unedited, small)
-        final = small_removed
+        keep = np.ones(len(table["label"]), bool)
+        if self.min_size.value > 0:
+            keep &= table["area" if unedited.ndim == 2 else "volume"] >= self.min_size.value
+        n_small = int((~keep).sum())
+        small_removed = np.where(np.r_[False, keep][unedited], unedited, 0) if n_small else unedited
         n_border = 0
         if self.remove_border:
-            mask = x.mask if x.has_mask else None
-            if mask is not None and np.asarray(mask).shape != final.shape:
-                mask = None
-            touching = border_labels(final, mask)
-            n_border = len(touching)
-            final = remove_labels(final, touching)
-        segmented, old_labels = relabel_sequential(final)
+            mask = np.asarray(x.mask, bool) if x.has_mask else None
+            border = touching_border(unedited, mask if mask is not None and mask.shape == unedited.shape
+                                     else None)
+            n_border = int((keep & border).sum())
+            keep &= ~border
+        kept = result.select(keep)  # masks relabelled 1..N, the object table in step with them
+        segmented = np.asarray(kept.masks).astype(np.int32, copy=False)
+        kept_table = kept.objects
+        cellprob = result.cellprob
 
         class_counts = []
         objects = Objects()
@@ -981,32 +788,27 @@ class RunCellposeSAM(ImageSegmentation):
         m.add_image_measurement(f_model, model_name)
         m.add_image_measurement(f_version, model_version)
         m.add_image_measurement(f"{C_CELLPOSESAM}_{FTR_SETTINGS}_{obj}",
-                                self._settings_record(model, volumetric))
+                                self._settings_record(model, volumetric, settings))
 
+        n_kept = len(kept_table["label"])
         if self.wants_confidence:
-            mean_cellprob = _per_object(lib_objects, "mean_cellprob", old_labels)
-            if mean_cellprob is None or np.isnan(mean_cellprob).any():
-                mean_cellprob = self._mean_probability(segmented, cellprob, mean_cellprob)
-            flow_error = _per_object(lib_objects, "flow_error", old_labels)
-            if flow_error is None:
-                flow_error = np.full(len(old_labels), np.nan)
-            m.add_measurement(obj, M_MEAN_CELLPROB, mean_cellprob.astype(np.float64))
-            m.add_measurement(obj, M_FLOW_ERROR, flow_error.astype(np.float64))
+            m.add_measurement(obj, M_MEAN_CELLPROB, np.asarray(kept_table["mean_cellprob"], np.float64))
+            m.add_measurement(obj, M_FLOW_ERROR, np.asarray(  # no flow-error QC in 3D
+                kept_table.get("flow_error", np.full(n_kept, np.nan)), np.float64))
 
         net_cfg = getattr(getattr(model, "net", None), "cfg", None)
         classes = tuple(getattr(net_cfg, "class_names", ())[1:])
         if classes:  # panoptic model: the class of each object (cpsam_toolkit.panoptic)
-            from cpsam_toolkit.panoptic import measurement_values
+            from cpsam_toolkit.modes.panoptic import measurement_values
 
-            ids = _per_object(lib_objects, "class_id", old_labels)
-            ids = np.full(len(old_labels), np.nan) if ids is None else ids
+            ids = np.asarray(kept_table.get("class_id", np.full(n_kept, np.nan)), np.float64)
             for f, v in measurement_values(ids, classes).items():
                 m.add_measurement(obj, f"{C_CELLPOSESAM}_{f}", v)
             if self.split_by_class:
                 class_counts = self._add_class_objects(workspace, objects, ids, classes)
 
         if self.save_probabilities:
-            prob = sigmoid(cellprob)
+            prob = sigmoid(cellprob).astype(np.float32)
             workspace.image_set.add(
                 self.probabilities_name.value,
                 Image(prob, parent_image=x, convert=False, dimensions=x.dimensions),
@@ -1021,6 +823,8 @@ class RunCellposeSAM(ImageSegmentation):
                 ["Removed: smaller than minimum size", str(n_small)],
                 ["Removed: touching the border", str(n_border)],
                 ["Model", model_name],
+                *[["Setting from the model", line[: -len(" (model)")]]
+                  for line in settings.describe().splitlines() if line.endswith("(model)")],
                 ["Device", str(getattr(model, "device", self.device.value))],
                 ["Segmentation time", f"{elapsed:.2f} s"],
                 *class_counts,
@@ -1029,7 +833,7 @@ class RunCellposeSAM(ImageSegmentation):
     def _add_class_objects(self, workspace, objects, class_ids, classes) -> list[list[str]]:
         """Add one object set per class (children of ``objects``) with their measurements;
         returns ``[name, count]`` rows for the display."""
-        from cpsam_toolkit.panoptic import class_object_names, split_by_class
+        from cpsam_toolkit.modes.panoptic import class_object_names, split_by_class
 
         obj = self.y_name.value
         m = workspace.measurements
@@ -1048,41 +852,30 @@ class RunCellposeSAM(ImageSegmentation):
         return rows
 
     @staticmethod
-    def _mean_probability(labels, cellprob, known):
-        n = int(labels.max(initial=0))
-        if n == 0:
-            return np.zeros(0)
-        import scipy.ndimage
-
-        prob = sigmoid(cellprob)
-        computed = np.asarray(
-            scipy.ndimage.mean(prob, labels=labels, index=np.arange(1, n + 1)), np.float64)
-        if known is None:
-            return computed
-        return np.where(np.isnan(known), computed, known)
-
-    @staticmethod
     def _model_strings(model, spec) -> tuple[str, str]:
         name = str(getattr(model, "name", None) or spec or "default")
         sha = model_sha256(model)[:12] or "unknown"
-        try:
-            from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
+        try:
             toolkit = version("cpsam-toolkit")
-        except Exception:
+        except PackageNotFoundError:  # run from a source checkout
             toolkit = getattr(sys.modules.get("cpsam_toolkit"), "__version__", "unknown")
         return name[:255], f"cpsam-toolkit {toolkit}; weights sha256 {sha}"[:255]
 
-    def _settings_record(self, model, volumetric) -> str:
-        """How to repeat this run (cpsam_toolkit.outputs.run_record), '' with an old toolkit."""
+    def _settings_record(self, model, volumetric, used) -> str:
+        """How to repeat this run (cpsam_toolkit.outputs.run_record), '' with an old toolkit;
+        ``used``: the library Settings of the run (the model's values where they applied)."""
         settings = dict(
-            flow_threshold=float(self.flow_threshold.value),
-            cellprob_threshold=float(self.cellprob_threshold.value),
+            flow_threshold=used.flow_threshold,
+            cellprob_threshold=used.cellprob_threshold,
             min_size=int(self.min_size.value),
-            diameter=float(self.diameter.value) if self.diameter.value > 0 else None,
+            diameter=used.diameter,
             do_3d=bool(volumetric and self.do_3d),
             anisotropy=float(self.anisotropy.value) if volumetric and self.do_3d else None,
         )
+        if used.augment:
+            settings["augment"] = True
         try:
             from cpsam_toolkit.outputs import run_record
         except ImportError:
@@ -1091,7 +884,9 @@ class RunCellposeSAM(ImageSegmentation):
 
     def post_run(self, workspace):
         # models stay cached for the next run in this process; only cached GPU blocks go back
-        _empty_gpu_cache()
+        cache = sys.modules.get("cpsam_toolkit.model_cache")
+        if cache is not None:
+            cache.release_gpu_memory()
 
     # ------------------------------------------------------------------ display (GUI only)
     def display(self, workspace, figure):

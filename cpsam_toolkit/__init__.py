@@ -3,20 +3,19 @@
 >>> import cpsam_toolkit as cp
 >>> model = cp.load_model()            # cpsam_v2/cpsam if present locally, else the shipped model
 >>> result = model.segment(image)      # result.masks, result.flows, result.cellprob
+>>> model.settings                     # defaults + the model file's recommended settings
+
+The data path and the stage modules are available as ``cp.io``, ``cp.preprocess``,
+``cp.flows``, ``cp.dynamics`` and ``cp.metrics``; see ``docs/architecture.md`` for the layers.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["CellposeSAM", "SegmentationResult", "load_model", "__version__"]
+from . import dynamics, flows, io, metrics, preprocess, settings  # noqa: E402
+from .segment import CellposeSAM, SegmentationResult, load_model  # noqa: E402
+from .settings import Settings  # noqa: E402
 
-
-def __getattr__(name: str):
-    # keep `import cpsam_toolkit` light (no torch) for the CLI's --help and the CellProfiler
-    # plugin's module list; the model API is imported on first use
-    if name in ("CellposeSAM", "SegmentationResult", "load_model"):
-        from . import segment
-
-        return getattr(segment, name)
-    raise AttributeError(f"module 'cpsam_toolkit' has no attribute {name!r}")
+__all__ = ["CellposeSAM", "SegmentationResult", "Settings", "load_model", "__version__",
+           "dynamics", "flows", "io", "metrics", "preprocess", "settings"]

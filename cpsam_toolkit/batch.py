@@ -37,19 +37,28 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import tifffile
 
 from . import outputs as out
-from .io import ImageReadError, find_images, imread, input_stat
+from .cellpose_files import save_seg_npy
+from .device import resolve_device, resolve_dtype
+from .io import ImageReadError, find_images, imread, input_stat, write_atomic
+from .model_cache import get_model, model_loads  # noqa: F401 - model_loads: for client.run
+from .modes.panoptic import save_classes_json
+from .modes.volume import segment_3d
 from .preprocess import ImageInputError, check_finite, to_channels_last
+from .segment import load_model, split_settings
+from .settings import Settings
 
 if TYPE_CHECKING:  # pragma: no cover
     from .segment import CellposeSAM, InputOptions, MaskOptions, NetOptions, SegmentationResult
+    from .settings import Settings
 
 log = logging.getLogger("cpsam_toolkit")
 
@@ -326,7 +335,6 @@ def write_outputs(
     o = settings.outputs
     written: list[Path] = [out.save_masks(out.output_path(out_dir, job.stem, "masks"), res.masks)]
     if getattr(res, "class_names", None):  # panoptic model: {label: class} (cpsam_toolkit.panoptic)
-        from .panoptic import save_classes_json
 
         written.append(save_classes_json(out_dir / f"{job.stem}_classes.json", res))
     if o.flows:
@@ -343,8 +351,6 @@ def write_outputs(
         else:  # no objects: no zip, and no stale one from an earlier run
             out.output_path(out_dir, job.stem, "rois").unlink(missing_ok=True)
     if o.npy:
-        from .cellpose_files import save_seg_npy
-
         written.append(save_seg_npy(
             out.output_path(out_dir, job.stem, "npy"), res, filename=str(Path(job.path).resolve()),
             diameter=settings.inputs.diameter, settings={**asdict(settings.inputs), **asdict(settings.masks)},
@@ -545,31 +551,10 @@ class ModelSpec:
         return cls(str(path), dev, _DTYPE_NAMES.get(str(model.dtype), None), model.name)
 
 
-_MODEL_CACHE: dict[tuple[str, str | None, str | None], Any] = {}
-_MODEL_LOCK = threading.Lock()
-_MODEL_LOADS = 0  # how many times this process loaded a model (tests check once per worker)
-
-
 def cached_model(spec: ModelSpec) -> CellposeSAM:
-    """The model for ``spec``, loaded once per process (each Dask worker keeps its own)."""
-    global _MODEL_LOADS
-    key = (spec.path, spec.device, spec.dtype)
-    with _MODEL_LOCK:
-        model = _MODEL_CACHE.get(key)
-        if model is None:
-            from .segment import load_model
-
-            model = load_model(spec.path, device=spec.device, dtype=spec.dtype)
-            if spec.name:
-                model.name = spec.name
-            _MODEL_CACHE[key] = model
-            _MODEL_LOADS += 1
-        return model
-
-
-def model_loads() -> int:
-    """Models loaded by this process so far (for ``client.run``)."""
-    return _MODEL_LOADS
+    """The model for ``spec``, loaded once per process (each Dask worker keeps its own;
+    :mod:`cpsam_toolkit.model_cache`)."""
+    return get_model(spec.path, spec.device, spec.dtype, name=spec.name)[0]
 
 
 def worker_model(spec: ModelSpec | CellposeSAM) -> CellposeSAM:
@@ -718,6 +703,7 @@ class PlateReport:
     n_objects: int = 0
     seconds: float = 0.0
     redone: int = 0  # images that had outputs but no matching manifest entry
+    settings: Any = None  # the Settings used
 
     @property
     def ok(self) -> bool:
@@ -823,6 +809,8 @@ def run_plate(
     out_dir: str | os.PathLike,
     model: CellposeSAM | str | os.PathLike | None = None,
     *,
+    settings: Settings | None = None,
+    overrides: Mapping[str, Any] | None = None,
     input_options: InputOptions | None = None,
     net_options: NetOptions | None = None,
     mask_options: MaskOptions | None = None,
@@ -851,8 +839,14 @@ def run_plate(
     model
         A loaded :class:`~cpsam_toolkit.segment.CellposeSAM`, a registry name, a weights
         path, or None for the default model (loaded with ``device``/``dtype``).
+    settings
+        A :class:`~cpsam_toolkit.settings.Settings`; default: the model's ``settings`` (the
+        defaults plus its recommended values).
+    overrides
+        Setting values that win over ``settings`` (source "user"), e.g. from the command line.
     input_options, net_options, mask_options
-        As for :meth:`CellposeSAM.iter_segment`.
+        The older form (as for :meth:`CellposeSAM.iter_segment`): every field of an options
+        object given counts as set by the user.
     outputs
         Extra files per image (:class:`OutputOptions`).
     summary
@@ -874,39 +868,45 @@ def run_plate(
         Called once before the work starts with ``model``, ``path``, ``n_inputs``,
         ``n_todo``, ``n_skipped`` and ``n_redone`` (images with outputs but no finished entry).
     """
-    from .segment import InputOptions, MaskOptions, NetOptions, load_model
 
     t_start = time.perf_counter()
     out_dir = check_out_dir(out_dir)
     outputs = outputs or OutputOptions()
     if summary and not outputs.summary:
         outputs = replace(outputs, summary=True)
-    settings = PlateSettings(input_options or InputOptions(), net_options or NetOptions(),
-                             mask_options or MaskOptions(), outputs)
-    settings.masks.validate()
+    given = {k: v for o in (input_options, net_options, mask_options) if o is not None
+             for k, v in asdict(o).items()}
+    given.update(overrides or {})
     paths = find_images(inputs, recursive=recursive)
     jobs = make_jobs(paths)
 
     spec = None
     if hasattr(model, "iter_segment"):  # a model object (CellposeSAM or compatible)
         identity = _model_identity(model)
+        base = getattr(model, "settings", None)
         if client is not None and model_file(model):
             spec = ModelSpec.from_model(model, device)
     elif client is None:
         model = load_model(model, device=device, dtype=dtype)
         identity = _model_identity(model)
+        base = model.settings
     else:
         # checked (and downloaded) once here, on the CPU; the workers load it themselves
-        from .device import resolve_device, resolve_dtype
 
         checked = load_model(model, device="cpu", dtype="fp32")
         spec = ModelSpec(str(checked.info["path"]), device, dtype, checked.name)
         identity = _model_identity(checked)
+        base = checked.settings
         identity["dtype"] = str(resolve_dtype(dtype, resolve_device(device)))
         model = None
         del checked
     model_name = spec.name if spec is not None and spec.name else model.name
+    if settings is None:
+        settings = base if isinstance(base, Settings) else Settings()
+    used = settings.replace(**given) if given else settings
+    settings = PlateSettings(*split_settings(used), outputs)
     report = PlateReport(out_dir, model_name, n_inputs=len(jobs))
+    report.settings = used
     fingerprint = _settings_fingerprint(settings, identity)
     kinds = outputs.kinds()
 
@@ -926,12 +926,14 @@ def run_plate(
             "model": identity, "settings": fingerprint,
             "options": {"inputs": asdict(settings.inputs), "net": asdict(settings.net),
                         "masks": asdict(settings.masks), "outputs": asdict(outputs)},
+            "segmentation_settings": used.to_dict(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "n_inputs": len(jobs),
             "n_todo": len(todo),
         }, indent=2, default=str) + "\n")
 
         if on_start is not None:
-            on_start({"model": model_name, "path": identity.get("path"), "n_inputs": len(jobs),
+            on_start({"model": model_name, "path": identity.get("path"), "settings": used,
+                      "n_inputs": len(jobs),
                       "n_todo": len(todo), "n_skipped": len(report.skipped),
                       "n_redone": 0 if overwrite else report.redone})
         bar = None
@@ -1017,3 +1019,51 @@ def _run_distributed(
     finally:
         for fut in futures:
             fut.cancel()
+
+
+# --------------------------------------------------------------------------------------------
+# volumes (one file at a time)
+# --------------------------------------------------------------------------------------------
+def segment_volume_files(
+    paths: Sequence[str | Path],
+    out_dir: str | Path,
+    model: CellposeSAM,
+    *,
+    overwrite: bool = False,
+    save_flows: bool = False,
+    report: Callable[[str], None] = print,
+    **kwargs: Any,
+) -> tuple[int, int, int, int]:
+    """Segment volume files one by one (the command line's ``--do-3d`` / ``--stitch-threshold``)
+    and write ``<stem>_masks.tif`` (Z, Y, X) (and with
+    ``save_flows`` ``_dP.tif`` (3, Z, Y, X) float32 and ``_cellprob.tif``). ``kwargs`` go to
+    :func:`segment_3d` (``do_3d``/``stitch_threshold``, ``z_axis``, ...).
+
+    Returns ``(done, skipped, failed, n_objects)``; a failing file is reported and skipped.
+    """
+    def save(path: Path, arr: np.ndarray) -> None:  # Z, Y, X planes (never RGB for Z = 3)
+        write_atomic(path, lambda tmp: tifffile.imwrite(tmp, arr, compression="zlib",
+                                                        photometric="minisblack"))
+
+    done = skipped = failed = n_obj = 0
+    for p in paths:
+        p = Path(p)
+        target = out.output_path(out_dir, p.stem, "masks")
+        if target.exists() and not overwrite:
+            report(f"skipped: {target} exists (--overwrite to redo)")
+            skipped += 1
+            continue
+        try:
+            res = segment_3d(model, imread(p), **kwargs)
+            save(target, out.as_label_dtype(res.masks))
+            if save_flows:
+                save(out.output_path(out_dir, p.stem, "dP"), res.flows.astype(np.float32))
+                save(out.output_path(out_dir, p.stem, "cellprob"), res.cellprob.astype(np.float32))
+        except Exception as e:  # noqa: BLE001 - report and go on with the next file
+            report(f"failed: {p}: {e}")
+            failed += 1
+            continue
+        done += 1
+        n_obj += res.n_objects
+        report(f"{p} -> {target} ({res.n_objects} objects)")
+    return done, skipped, failed, n_obj

@@ -39,6 +39,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import tiling
+from .batch import ModelSpec, WorkerSetup, model_file, model_for_workers, worker_model
+from .io import imread, imwrite_tiff
 from .preprocess import (
     MAX_AUTO_CHANNELS,
     ImageInputError,
@@ -47,6 +50,17 @@ from .preprocess import (
     percentile_lowhigh,
     to_channels_last,
 )
+from .segment import (
+    InputOptions,
+    MaskOptions,
+    NetOptions,
+    SegmentationResult,
+    load_model,
+    masks_from_flows,
+    settings_from_options,
+    split_settings,
+)
+from .settings import Settings
 
 if TYPE_CHECKING:  # pragma: no cover
     from .segment import CellposeSAM, InputOptions, MaskOptions, NetOptions
@@ -165,7 +179,6 @@ def _open_path(path: str | None, kind: str, component: str | None) -> Any:
         return _pick_array(node, component, path)
     if kind == "npy":
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    from .io import imread
 
     return imread(path)
 
@@ -316,8 +329,6 @@ def _crop_file(tmp: Path, block: Block) -> Path:
 
 
 def _save_crop(tmp: Path, block: Block, kept: np.ndarray) -> None:
-    from .io import imwrite_tiff
-
     imwrite_tiff(_crop_file(tmp, block), kept)
 
 
@@ -361,7 +372,6 @@ def _aligned_outputs(
     blends them: the same tiles, the same inputs, the same sums, so the outputs are the
     whole image's outputs (bit-identical on the CPU). Tiles of consecutive blocks share
     network batches."""
-    from . import tiling
 
     tile = model.net.cfg.tile
     ly, lx = source.shape2d
@@ -466,7 +476,6 @@ def segment_blocks(
     which the halo keeps away from the objects that are kept. Other models (or resizing) run
     each crop as an image of its own through ``iter_segment``.
     """
-    from .segment import SegmentationResult, masks_from_flows
 
     tmp = Path(tmp)
     counts: dict[tuple[int, int], int] = {}
@@ -492,8 +501,6 @@ def segment_blocks(
 
 def _pass1_task(spec: Any, source: Source, blocks: Sequence[Block], settings: _Settings,
                 lowhigh: Any, tmp: str) -> dict[tuple[int, int], int]:
-    from .batch import worker_model
-
     return segment_blocks(worker_model(spec), source, blocks, settings, lowhigh, tmp)
 
 
@@ -665,6 +672,7 @@ def segment_blockwise(
     *,
     block_size: int = 2048,
     halo: int = 64,
+    settings: Settings | None = None,
     input_options: InputOptions | None = None,
     net_options: NetOptions | None = None,
     mask_options: MaskOptions | None = None,
@@ -691,19 +699,25 @@ def segment_blockwise(
     block_size, halo
         Core size of a block, and context added around it (>= 2 cell diameters). Output
         chunks are ``block_size`` squares.
+    settings
+        A :class:`~cpsam_toolkit.settings.Settings` (default: the model's ``settings``).
+        ``tile_norm_blocksize`` is not supported; ``max_size_fraction`` applies to each block's
+        crop.
     input_options, net_options, mask_options
-        As for :meth:`CellposeSAM.iter_segment`. ``tile_norm_blocksize`` is not supported;
-        ``max_size_fraction`` applies to each block's crop.
+        The older form (as for :meth:`CellposeSAM.iter_segment`), used when ``settings`` is
+        not given; stages not given take the model's settings.
     client
         A ``dask.distributed.Client``: blocks run as tasks (the workers need the input as a
         file; in-memory arrays are first copied into the temporary folder).
     """
-    from .segment import InputOptions, MaskOptions, NetOptions, load_model
 
     t0 = time.perf_counter()
-    inputs = input_options or InputOptions()
-    net = net_options or NetOptions()
-    masks = mask_options or MaskOptions()
+    if not hasattr(model, "iter_segment"):  # a name or path (a model object is used as is)
+        model = load_model(model, device=device, dtype=dtype)
+    if settings is None:
+        settings = settings_from_options(input_options, net_options, mask_options,
+                                         base=getattr(model, "settings", None))
+    inputs, net, masks = split_settings(settings)
     masks.validate()
     if inputs.tile_norm_blocksize:
         raise ValueError("tile_norm_blocksize is not supported blockwise (normalisation is global)")
@@ -716,8 +730,6 @@ def segment_blockwise(
     shape = source.shape2d
     blocks = plan_blocks(shape, block_size, halo)
     by_index = {b.index: b for b in blocks}
-    if not hasattr(model, "iter_segment"):  # a name or path (a model object is used as is)
-        model = load_model(model, device=device, dtype=dtype)
     lowhigh = global_lowhigh(source, inputs) if inputs.normalize else None
     settings = _Settings(
         inputs,
@@ -795,8 +807,6 @@ def _pass1_distributed(
     lowhigh: Any, tmp: Path, blocks_per_task: int | None, bar: Any, device: str | None,
 ) -> dict[tuple[int, int], int]:
     from distributed import as_completed
-
-    from .batch import ModelSpec, WorkerSetup, model_file, model_for_workers
 
     client.register_plugin(WorkerSetup(), name=WorkerSetup.name)
     spec = model_for_workers(client, ModelSpec.from_model(model, device) if model_file(model) else model)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from .io import atomic_path, imwrite_tiff, masks_dtype, write_atomic
+from .preprocess import to_channels_last
 
 if TYPE_CHECKING:  # pragma: no cover
     from .segment import SegmentationResult
@@ -136,7 +137,6 @@ def outlines(masks: np.ndarray) -> np.ndarray:
 def to_uint8_rgb(image: np.ndarray, channel_axis: int | None = None) -> np.ndarray:
     """A display version of an image: (Y, X, 3) uint8, each channel stretched 1st–99th
     percentile. One channel becomes grey, two become red/green."""
-    from .preprocess import to_channels_last
 
     img = to_channels_last(np.asarray(image), channel_axis=channel_axis, name="image")
     img = img.astype(np.float32)

@@ -38,7 +38,6 @@ network inputs (``RGB`` = clean, ``size 30`` = ``clean 30px``, permutations of g
 with ``gray="replicate"``) are segmented once.
 
 Typical use::
-
     from cpsam_toolkit import robustness as R
     data = R.load_folder("val/", max_images=4)
     rep = R.robustness_report("cpsam_toolkit_small", data.images, data.masks, names=data.names)
@@ -70,6 +69,7 @@ from . import evaluate as E
 from . import metrics as M
 from .io import ImageReadError, find_images, imread, write_atomic
 from .preprocess import to_channels_last
+from .segment import load_model
 from .training import augment as A
 
 if TYPE_CHECKING:
@@ -482,8 +482,6 @@ def robustness_report(
     kw.pop("diameter", None)
     kw.pop("channel_axis", None)
     if isinstance(model, (str, os.PathLike)):
-        from .segment import load_model
-
         model = load_model(model)
     names = [str(n) for n in names] if names is not None else [f"image{i}" for i in range(len(images))]
 

@@ -161,8 +161,10 @@ class Settings:
 
         if self.channel_axis is not None and not is_int(self.channel_axis):
             raise bad("channel_axis", "give an integer axis (e.g. -1) or None to guess it")
+        # how many channels an image has is checked where the image is known (preprocess),
+        # so the error can name the image
         if self.channels is not None and (
-            not 1 <= len(self.channels) <= 3 or any(not is_int(c) or c < 0 for c in self.channels)
+            not len(self.channels) or any(not is_int(c) or c < 0 for c in self.channels)
         ):
             raise bad("channels", "give 1 to 3 non-negative channel indices, e.g. (1, 0), or None")
         for name in ("normalize", "invert", "augment"):

@@ -333,23 +333,15 @@ def test_pipeline_runs_reuse_the_cached_model(model_files):
     """Two Pipeline.run()s and a third module instance in one process load the model once."""
     image = np.random.default_rng(2).random((SIZE, SIZE)).astype(np.float32)
     pipeline, module, errors = _pipeline_with_inject(model_files, image)
+    from cpsam_toolkit import model_cache
+
     rcs.clear_model_cache()
-    loads = []
-    original = rcs._import_toolkit
-
-    def counting_import():
-        loads.append(1)
-        return original()
-
-    rcs._import_toolkit = counting_import  # counts loads; still calls the real library
-    try:
-        m1 = pipeline.run()
-        m2 = pipeline.run()
-        ws = run_module(configure(new_module(), MODEL, model_files), {"DNA": image})
-    finally:
-        rcs._import_toolkit = original
+    before = model_cache.model_loads()
+    m1 = pipeline.run()
+    m2 = pipeline.run()
+    ws = run_module(configure(new_module(), MODEL, model_files), {"DNA": image})
     assert not errors, [getattr(e, "error", e) for e in errors]
-    assert len(loads) == 1 and len(rcs._MODEL_CACHE) == 1
+    assert model_cache.model_loads() - before == 1  # one load, shared by both runs and modules
     c1 = m1.get_measurement(IMAGE, "Count_Nuclei", 1)
     c2 = m2.get_measurement(IMAGE, "Count_Nuclei", 1)
     assert c1 == c2 == ws.measurements.get_current_image_measurement("Count_Nuclei")
@@ -451,52 +443,32 @@ def test_corrupt_model_fails_with_image_named(tmp_path):
 
 
 def test_out_of_memory_falls_back_to_smaller_batches(model_files, caplog):
-    """segment_with_fallback halves the batch on CUDA out-of-memory and remembers it."""
+    """The library's one OOM policy serves the module: the cached model halves its batch on
+    CUDA out-of-memory, remembers the size that fit, and loses no image."""
     import torch
 
-    model, key = rcs.get_model(str(model_files[MODEL if MODEL != "default" else "grid"]), "cpu")
-    real = model.segment
-    calls = []
-    failures = [2]
+    model, _ = rcs.get_model(str(model_files[MODEL if MODEL != "default" else "grid"]), "cpu")
+    real = model._forward
+    sizes = []
 
-    class OOMOnce:  # the real model, whose first two calls run out of GPU memory
-        def segment(self, data, batch_size, **kw):
-            calls.append(batch_size)
-            if failures[0] > 0:
-                failures[0] -= 1
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-            return real(data, batch_size=batch_size, **kw)
+    def oom_above_two(x):  # the real network, out of GPU memory for batches above 2 tiles
+        sizes.append(len(x))
+        if len(x) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return real(x)
 
-    img = np.zeros((64, 64), np.float32)
-    rcs._SAFE_BATCH.pop(key, None)
-    with caplog.at_level("WARNING"):
-        res = rcs.segment_with_fallback(OOMOnce(), img, key, 8, min_size=0)
-    assert calls == [8, 4, 2] and rcs._SAFE_BATCH[key] == 2
-    assert res.masks.shape == img.shape
-    assert "out of GPU memory" in caplog.text
-    calls.clear()
-    rcs.segment_with_fallback(OOMOnce(), img, key, 8, min_size=0)
-    assert calls[0] == 2  # later images start from the batch size that fit
-    rcs._SAFE_BATCH.pop(key, None)
-
-    class AlwaysOOM:
-        def segment(self, data, batch_size, **kw):
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-
-    with pytest.raises(torch.cuda.OutOfMemoryError):
-        rcs.segment_with_fallback(AlwaysOOM(), img, ("k",), 4)
-    rcs._SAFE_BATCH.pop(("k",), None)
-
-    calls.clear()
-
-    class LibraryGaveUp:  # cpsam-toolkit's own fallback already reached one tile per batch
-        def segment(self, data, batch_size, **kw):
-            calls.append(batch_size)
-            raise MemoryError("out of memory running the network on a single tile")
-
-    with pytest.raises(MemoryError):
-        rcs.segment_with_fallback(LibraryGaveUp(), img, ("k",), 8)
-    assert calls == [8]  # not retried
+    model._forward, model._chunk = oom_above_two, None
+    try:
+        img = np.random.default_rng(0).random((600, 600)).astype(np.float32)
+        with pytest.warns(UserWarning, match="out of memory"):
+            res = model.segment(img, batch_size=8, min_size=0)
+        assert res.masks.shape == img.shape and max(sizes) == 8 and model._chunk == 2
+        sizes.clear()
+        model.segment(img, batch_size=8, min_size=0)
+        assert max(sizes) == 2  # later images start from the batch size that fit
+    finally:
+        del model._forward
+        model._chunk = None
 
 
 # ------------------------------------------------------------------------ validation
@@ -597,7 +569,7 @@ def test_settings_round_trip(tmp_path):
     pipeline = Pipeline()
     pipeline.add_module(module)
     text = _dump(pipeline)
-    assert "RunCellposeSAM:[" in text and "variable_revision_number:3" in text
+    assert "RunCellposeSAM:[" in text and "variable_revision_number:4" in text
     loaded = _load(text).modules()[0]
     assert isinstance(loaded, rcs.RunCellposeSAM)
     assert [s.value_text for s in loaded.settings()] == [s.value_text for s in module.settings()]
@@ -606,20 +578,23 @@ def test_settings_round_trip(tmp_path):
 
 # settings each old revision lacks (added at the end, with the value an upgrade gives them)
 _ADDED_AFTER = {1: ["Measure per-object confidence?", "Save one object set per class?",
-                    "Typical object diameter"],
-                2: ["Save one object set per class?", "Typical object diameter"]}
+                    "Typical object diameter", "Use the model's recommended settings?"],
+                2: ["Save one object set per class?", "Typical object diameter",
+                    "Use the model's recommended settings?"],
+                3: ["Use the model's recommended settings?"]}
 
 
-@pytest.mark.parametrize("revision", [1, 2])
+@pytest.mark.parametrize("revision", [1, 2, 3])
 def test_upgrade_from_older_revisions(tmp_path, revision):
     module = _non_default_module(tmp_path)
     module.wants_confidence.value = True  # what revision 1 always did
     module.split_by_class.value = False  # what revisions 1 and 2 did
     module.diameter.value = 0.0  # no resizing, as revisions 1 and 2 did
+    module.use_model_settings.value = False  # revisions 1 to 3 used the module's own values
     pipeline = Pipeline()
     pipeline.add_module(module)
     text = _dump(pipeline)
-    old = text.replace("variable_revision_number:3", f"variable_revision_number:{revision}")
+    old = text.replace("variable_revision_number:4", f"variable_revision_number:{revision}")
     lines = [ln for ln in old.splitlines() if not any(t in ln for t in _ADDED_AFTER[revision])]
     assert len(lines) == len(old.splitlines()) - len(_ADDED_AFTER[revision])
     loaded = _load("\n".join(lines) + "\n").modules()[0]
@@ -696,3 +671,19 @@ def test_shipped_model_counts_close_to_ground_truth(data_dir):
 def test_env_has_no_gui():
     """The tests run headless: wx must not have been imported by anything."""
     assert "wx" not in sys.modules
+
+
+def test_model_recommended_settings_are_used_unless_switched_off():
+    """At the module's defaults the model's recommended values win; with the switch off (how
+    older pipelines load) the module's own values are used."""
+    model, _ = rcs.get_model(rcs.shipped_model_name(), "cpu")
+    rec = (model.info.get("recommended_settings") or {}).get("flow_threshold")
+    module = new_module()
+    s = module.library_settings(model, None)
+    if rec is not None:
+        assert s.flow_threshold == rec and s.sources["flow_threshold"] == "model"
+    assert s.min_size == 0 and s.batch_size == module.batch_size.value  # sizes filtered here
+    module.use_model_settings.value = False
+    s = module.library_settings(model, -1)
+    assert s.flow_threshold == module.flow_threshold.value and s.sources["flow_threshold"] != "model"
+    assert s.channel_axis == -1

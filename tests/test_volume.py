@@ -287,7 +287,9 @@ def test_slices_are_streamed_not_stored(tiny):
     assert o.max_ahead == 1 and o.pulled == 18 + 24 + 24
 
     made = []
-    real = V._slices
+    import cpsam_toolkit.modes.volume as VM
+
+    real = VM._slices
 
     def counting(vol, nz_net):
         for item in real(vol, nz_net):
@@ -304,7 +306,7 @@ def test_slices_are_streamed_not_stored(tiny):
                 yield out
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(V, "_slices", counting)
+    mp.setattr(VM, "_slices", counting)  # the mode module (cpsam_toolkit.volume re-exports it)
     try:
         V.segment_volume(Spy(), np.random.default_rng(0).random((3, 4, 5)), batch_size=2, min_size=-1)
     finally:

@@ -11,6 +11,8 @@ import sys
 
 from .. import evaluate as E
 from .. import metrics as M
+from .. import robustness as R
+from ..segment import load_model
 
 PROG = "cpsam evaluate"
 
@@ -220,7 +222,6 @@ def run(args: argparse.Namespace) -> int:
 
 def run_robustness(args: argparse.Namespace) -> int:
     """``--robustness``: load data and model, make the report, print it and write the files."""
-    from .. import robustness as R
 
     parser = getattr(args, "_parser", None)
     missing = [o for o, v in (("--model", args.model), ("--images", args.images)) if not v]
@@ -259,7 +260,6 @@ def run_robustness(args: argparse.Namespace) -> int:
     if args.annotations_b is not None and not any(b is not None for b in data.annotations_b):
         _err(f"no ground-truth file name of --images is present in --annotations-b {args.annotations_b}")
         return 1
-    from ..segment import load_model
 
     try:
         model = load_model(args.model, device=args.device)

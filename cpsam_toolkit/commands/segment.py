@@ -11,7 +11,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .. import batch, blockwise, omezarr, volume
+from ..batch import make_jobs
+from ..io import find_images
+from ..omezarr import prepare_outputs
+from ..segment import load_model, split_settings
+from ..settings import Settings
+
 EPILOG = """\
+Settings not given use the model's recommended values (e.g. the shipped model's flow
+threshold 0.8), else the defaults; the run prints which values came from the model.
+
 outputs (in --out):
   <stem>_masks.tif        labels (uint16, uint32 above 65,535 objects), always
   <stem>_flows.tif        RGB flow picture, with _dP.tif (float32 dY,dX) and _cellprob.tif  (--save-flows)
@@ -72,7 +82,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(downloaded once), else offline the shipped small model")
     g.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
     g.add_argument("--dtype", default=None, help="auto (default: bf16 on CUDA, fp32 elsewhere), fp32, bf16")
-    g.add_argument("--batch-size", type=_positive_int, default=8, help="tiles per network call (8)")
+    g.add_argument("--batch-size", type=_positive_int, default=None, help="tiles per network call (8)")
+    g.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                   help="GPU memory budget, e.g. 6GB: the largest batch that fits it is measured "
+                        "and used instead of --batch-size (CUDA only; out-of-memory errors always "
+                        "halve the batch and go on)")
 
     g = p.add_argument_group("input")
     g.add_argument("--channel-axis", type=int, default=None, help="axis of the channels (default: guessed)")
@@ -81,21 +95,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--diameter", type=float, default=None,
                    help="median object diameter in pixels; images are resized so objects are ~30 px "
                         "(default: none, Cellpose-SAM is size-invariant)")
-    g.add_argument("--invert", action="store_true", help="invert intensities (1 - x) after normalising")
+    g.add_argument("--invert", action="store_true", default=None,
+                   help="invert intensities (1 - x) after normalising")
     g.add_argument("--no-norm", action="store_true", help="do not percentile-normalise the images")
-    g.add_argument("--norm-percentile", type=float, nargs=2, default=(1.0, 99.0), metavar=("LO", "HI"),
+    g.add_argument("--norm-percentile", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="percentiles mapped to 0 and 1 (1 99)")
 
     g = p.add_argument_group("network")
-    g.add_argument("--augment", action="store_true", help="test-time augmentation (flipped tiles)")
-    g.add_argument("--tile-overlap", type=float, default=0.1, help="fraction of tile overlap (0.1)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="test-time augmentation (flipped tiles); --no-augment turns off a model's "
+                        "recommended augmentation")
+    g.add_argument("--tile-overlap", type=float, default=None, help="fraction of tile overlap (0.1)")
 
     g = p.add_argument_group("masks")
-    g.add_argument("--flow-threshold", type=float, default=0.4, help="flow error QC threshold, 0 = off (0.4)")
-    g.add_argument("--cellprob-threshold", type=float, default=0.0,
-                   help="cell probability logit threshold (0)")
-    g.add_argument("--min-size", type=int, default=15, help="remove objects smaller than this (15 px)")
-    g.add_argument("--max-size-fraction", type=float, default=0.4,
+    g.add_argument("--flow-threshold", type=float, default=None,
+                   help="flow error QC threshold, 0 = off (default: the model's recommended value, else 0.4)")
+    g.add_argument("--cellprob-threshold", type=float, default=None,
+                   help="cell probability logit threshold (default: the model's, else 0)")
+    g.add_argument("--min-size", type=int, default=None, help="remove objects smaller than this (15 px)")
+    g.add_argument("--max-size-fraction", type=float, default=None,
                    help="remove objects larger than this fraction of the image (0.4)")
     g.add_argument("--niter", type=int, default=None, help="flow-following iterations (default 200)")
 
@@ -156,57 +174,72 @@ def _err(msg: str) -> int:
     return 2
 
 
-def _options(args: argparse.Namespace) -> dict[str, Any]:
-    from ..segment import InputOptions, MaskOptions, NetOptions
+#: command-line argument -> setting name (values left at None are not given)
+_SETTING_ARGS = {
+    "channel_axis": "channel_axis", "channels": "channels", "diameter": "diameter",
+    "invert": "invert", "norm_percentile": "percentiles", "batch_size": "batch_size",
+    "augment": "augment", "tile_overlap": "tile_overlap", "gpu_memory": "gpu_memory",
+    "flow_threshold": "flow_threshold",
+    "cellprob_threshold": "cellprob_threshold", "min_size": "min_size",
+    "max_size_fraction": "max_size_fraction", "niter": "niter",
+}
 
-    lo, hi = args.norm_percentile
-    return dict(
-        input_options=InputOptions(
-            channel_axis=args.channel_axis, channels=args.channels, normalize=not args.no_norm,
-            percentiles=(lo, hi), invert=args.invert, diameter=args.diameter,
-        ),
-        net_options=NetOptions(args.batch_size, args.tile_overlap, args.augment),
-        mask_options=MaskOptions(args.flow_threshold, args.cellprob_threshold, args.min_size,
-                                 args.max_size_fraction, args.niter),
-    )
+
+def setting_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line (source "user"), validated."""
+    given = {name: getattr(args, a) for a, name in _SETTING_ARGS.items()
+             if getattr(args, a, None) is not None}
+    if getattr(args, "no_norm", False):
+        given["normalize"] = False
+    if "percentiles" in given:
+        given["percentiles"] = tuple(given["percentiles"])
+    Settings().replace(**given)  # ValueError naming the setting
+    return given
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """The command line's settings on top of the defaults as the older option objects
+    (``input_options``, ``net_options``, ``mask_options``); kept for callers of the old form."""
+    inputs, net, masks = split_settings(Settings().replace(**setting_overrides(args)))
+    return dict(input_options=inputs, net_options=net, mask_options=masks)
+
+
+def print_settings(settings: Settings) -> None:
+    """One stderr line per value not from the defaults, e.g. ``flow_threshold=0.8 (model)``."""
+    for line in settings.describe().splitlines():
+        print(f"setting: {line}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import batch
-
     t0 = time.perf_counter()
     try:
         out_dir = batch.check_out_dir(args.out)
     except batch.OutputDirError as e:
         return _err(str(e))
-    lo, hi = args.norm_percentile
-    if not 0 <= lo < hi <= 100:
-        return _err(f"--norm-percentile needs 0 <= LO < HI <= 100, got {lo} {hi}")
-    if not 0 <= args.tile_overlap < 1:
+    if args.norm_percentile is not None:
+        lo, hi = args.norm_percentile
+        if not 0 <= lo < hi <= 100:
+            return _err(f"--norm-percentile needs 0 <= LO < HI <= 100, got {lo} {hi}")
+    if args.tile_overlap is not None and not 0 <= args.tile_overlap < 1:
         return _err(f"--tile-overlap must be in [0, 1), got {args.tile_overlap}")
     if args.diameter is not None and not args.diameter > 0:
         return _err(f"--diameter must be a positive number of pixels, got {args.diameter}")
     if args.dask and args.scheduler:
         return _err("give either --dask (a local cluster) or --scheduler ADDRESS, not both")
     try:
-        opts = _options(args)
-        opts["mask_options"].validate()
+        overrides = setting_overrides(args)
     except ValueError as e:
         return _err(str(e))
 
     if args.do_3d or args.stitch_threshold or args.z_axis is not None:
-        return _run_3d(args, out_dir, t0)
-    from ..omezarr import prepare_outputs  # OME-Zarr plates: labels/<name> in the plate or a copy
-
-    try:
+        return _run_3d(args, out_dir, overrides, t0)
+    try:  # OME-Zarr plates: labels/<name> in the plate or a copy
         zarr_target, out_dir = prepare_outputs(args.inputs, out_dir, into_input=args.into_input,
                                                name=args.label_name)
     except (ValueError, OSError) as e:
         return _err(str(e))
     if args.blockwise:
-        return _run_blockwise(args, out_dir, opts, t0, zarr_target)
-
-    from ..io import find_images
+        return _run_blockwise(args, out_dir, overrides, t0, zarr_target)
 
     try:
         paths = find_images(args.inputs, recursive=args.recursive)
@@ -231,10 +264,10 @@ def run(args: argparse.Namespace) -> int:
               f"{str(model.dtype).replace('torch.', '')}", file=sys.stderr)
 
     with _dask(args) as (client, torch_threads):
-
         def started(info: dict[str, Any]) -> None:
             if distributed:
                 print(f"model: {info['model']} ({info['path']})", file=sys.stderr)
+            print_settings(info["settings"])
             print(f"{info['n_inputs']} images: {info['n_todo']} to segment, {info['n_skipped']} "
                   f"already finished" + (" (--overwrite to redo)" if info["n_skipped"] else ""),
                   file=sys.stderr)
@@ -247,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             report = batch.run_plate(
-                paths, out_dir, model, **opts,
+                paths, out_dir, model, overrides=overrides,
                 outputs=batch.OutputOptions(args.save_flows, args.save_outlines, args.save_rois,
                                             args.save_table or zarr_target is not None,
                                             npy=args.save_npy, zarr=zarr_target),
@@ -278,8 +311,6 @@ def _dask(args: argparse.Namespace) -> Iterator[tuple[Any, int | None]]:
 
     from distributed import Client
 
-    from .. import batch
-
     cluster = None
     torch_threads = args.torch_threads
     if args.scheduler:
@@ -301,8 +332,6 @@ def _dask(args: argparse.Namespace) -> Iterator[tuple[Any, int | None]]:
 
 
 def _load(name: str | None, device: str | None, dtype: str | None):
-    from ..segment import load_model
-
     return load_model(name, device=device, dtype=dtype)
 
 
@@ -317,17 +346,12 @@ def _default_workers() -> int:
     return 2
 
 
-def _run_blockwise(args: argparse.Namespace, out_dir: Path, opts: dict[str, Any], t0: float,
+def _run_blockwise(args: argparse.Namespace, out_dir: Path, overrides: dict[str, Any], t0: float,
                    zarr_target: Any = None) -> int:
-    from .. import blockwise, omezarr
-    from ..batch import make_jobs
-
     inputs = []
     for item in args.inputs:
         p = Path(item)
         if p.is_dir() and (p.suffix.lower() != ".zarr" or omezarr.is_ome_zarr(p)):
-            from ..io import find_images
-
             inputs += find_images(p, recursive=args.recursive)
         elif p.exists():
             inputs.append(p)
@@ -338,6 +362,8 @@ def _run_blockwise(args: argparse.Namespace, out_dir: Path, opts: dict[str, Any]
     except Exception as e:  # noqa: BLE001
         return _err(str(e))
     print(f"model: {model.name} ({model.info.get('path', 'in memory')}) on {model.device}", file=sys.stderr)
+    settings = model.settings.replace(**overrides)
+    print_settings(settings)
     failed = n_objects = done = skipped = 0
     stems = {j.path: j.stem for j in make_jobs(inputs)}  # unique (plate fields share names)
     with _dask(args) as (client, _):
@@ -353,8 +379,7 @@ def _run_blockwise(args: argparse.Namespace, out_dir: Path, opts: dict[str, Any]
                 image = omezarr.blockwise_input(p) if omezarr.is_image(p) else p
                 res = blockwise.segment_blockwise(
                     image, model, target, block_size=args.block_size, halo=args.halo,
-                    input_options=opts["input_options"], net_options=opts["net_options"],
-                    mask_options=opts["mask_options"], overwrite=args.overwrite, client=client,
+                    settings=settings, overwrite=args.overwrite, client=client,
                     progress=not args.no_progress and sys.stderr.isatty(),
                 )
                 if args.overwrite:  # labels of this run, not an earlier one's
@@ -373,10 +398,8 @@ def _run_blockwise(args: argparse.Namespace, out_dir: Path, opts: dict[str, Any]
     return 1 if failed else 0
 
 
-def _run_3d(args: argparse.Namespace, out_dir: Path, t0: float) -> int:
+def _run_3d(args: argparse.Namespace, out_dir: Path, overrides: dict[str, Any], t0: float) -> int:
     """Volumes: delegate to :func:`cpsam_toolkit.volume.segment_volume_files`."""
-    from .. import volume
-    from ..io import find_images
 
     if args.z_axis is None:
         return _err("volumes need --z-axis (the axis of the planes, e.g. --z-axis 0 for Z, Y, X)")
@@ -387,16 +410,19 @@ def _run_3d(args: argparse.Namespace, out_dir: Path, t0: float) -> int:
         model = _load(args.model, args.device, args.dtype)
     except Exception as e:  # noqa: BLE001
         return _err(str(e))
-    lo, hi = args.norm_percentile
+    s = model.settings.replace(**overrides)
+    print_settings(s)
+    user_flow = args.stitch_threshold or s.sources["flow_threshold"] == "user"  # no QC in 3D
     done, skipped, failed, n_obj = volume.segment_volume_files(
         paths, out_dir, model, overwrite=args.overwrite, save_flows=args.save_flows,
         report=lambda m: print(m, file=sys.stderr), do_3d=args.do_3d, z_axis=args.z_axis,
         stitch_threshold=args.stitch_threshold, anisotropy=args.anisotropy,
-        flow3d_smooth=args.flow3d_smooth, channel_axis=args.channel_axis, channels=args.channels,
-        diameter=args.diameter, normalize=not args.no_norm, percentiles=(lo, hi), invert=args.invert,
-        batch_size=args.batch_size, tile_overlap=args.tile_overlap, augment=args.augment,
-        flow_threshold=args.flow_threshold, cellprob_threshold=args.cellprob_threshold,
-        min_size=args.min_size, max_size_fraction=args.max_size_fraction, niter=args.niter,
+        flow3d_smooth=args.flow3d_smooth, channel_axis=s.channel_axis, channels=s.channels,
+        diameter=s.diameter, normalize=s.normalize, percentiles=s.percentiles, invert=s.invert,
+        batch_size=s.batch_size, tile_overlap=s.tile_overlap, augment=s.augment,
+        flow_threshold=s.flow_threshold if user_flow else None,
+        cellprob_threshold=s.cellprob_threshold, min_size=s.min_size,
+        max_size_fraction=s.max_size_fraction, niter=s.niter,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     print(f"cpsam segment: {done} volumes segmented, {skipped} skipped, {failed} failed, {n_obj} "

@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..network import PRESETS, CPSAMNet, NetConfig, get_config
+from ..segment import load_model
+from ..training import train
+from ..training.loop import load_training_state
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -48,25 +53,18 @@ def start_network(model: str | None, seed: int = 0):
     """The network to start from: a preset (random init), a file, or a registry name."""
     import torch
 
-    from ..network import PRESETS, CPSAMNet, get_config
-
     if model in PRESETS:
         torch.manual_seed(seed)
         return CPSAMNet(get_config(model)), f"preset:{model}"
-    from ..segment import load_model
 
     m = load_model(model, device="cpu", dtype="fp32")
     return m.net, str(m.info.get("path", m.name))
 
 
 def run(args) -> int:
-    from ..training import train
-
     state = args.out.parent / (args.out.name + ".run") / "state.pt"
     if args.resume and state.exists():
         # the weights come from the saved state; only the network's size is needed here
-        from ..network import CPSAMNet, NetConfig
-        from ..training.loop import load_training_state
 
         st = load_training_state(state)
         net, start = CPSAMNet(NetConfig.from_dict(st["config"])), st.get("start_model", "resumed")

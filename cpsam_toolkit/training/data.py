@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from ..flows import masks_to_flows
 from ..io import IMAGE_EXTENSIONS, imread
+from ..preprocess import normalize, to_channels_last
 
 __all__ = [
     "LabelError",
@@ -87,7 +89,6 @@ def prepare_image(image: Any, masks_shape: tuple[int, int], name: str = "image",
 
     The channel axis is the one whose removal leaves the label shape; RGBA drops alpha.
     """
-    from ..preprocess import normalize, to_channels_last
 
     arr = np.asarray(image)
     if arr.ndim == 3 and arr.shape[:2] == tuple(masks_shape):
@@ -137,8 +138,6 @@ class FlowCache:
             except (OSError, ValueError):
                 flows = None
         if flows is None:
-            from ..flows import masks_to_flows
-
             flows = np.asarray(masks_to_flows(masks), dtype=np.float16)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)

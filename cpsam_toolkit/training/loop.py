@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..network.checkpoints import CheckpointError, atomic_save, load_state_strict, save_checkpoint
+from ..device import resolve_device
+from ..metrics import average_precision
+from ..network.checkpoints import (
+    CheckpointError,
+    atomic_save,
+    load_checkpoint,
+    load_state_strict,
+    save_checkpoint,
+)
 from ..network.model import CPSAMNet
+from ..segment import CellposeSAM
+from ..settings import Settings
 from .augment import AugmentConfig, augment_sample, pad_channels, random_affine_crop
 from .data import TrainingSet
 from .recipes import Recipe, get_recipe
@@ -162,27 +172,27 @@ def validation_loss(net: CPSAMNet, crops, device: torch.device, batch_size: int 
     return tot / n
 
 
-def validation_ap(net: CPSAMNet, data: TrainingSet, device: torch.device,
-                  settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Mean per-image AP@0.5 of full-image segmentation (per group, and the mean of groups);
-    ``settings``: more ``segment`` keywords (e.g. the model's recommended ``flow_threshold``).
+def validation_ap(
+    net: CPSAMNet, data: TrainingSet, device: torch.device,
+    settings: Settings | Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Mean per-image AP@0.5 of full-image segmentation (per group, and the mean of groups),
+    with ``settings`` (a :class:`Settings` or a dict of ``segment`` keywords, e.g. the model's
+    recommended ``flow_threshold``; default: the defaults). Images are already normalised, so
+    ``normalize`` is always off.
 
     Uses :mod:`cpsam_toolkit.segment` and :mod:`cpsam_toolkit.metrics`; returns ``{}`` (and
     warns) if they cannot run, so a training run never dies in validation.
     """
-    try:
-        from ..metrics import average_precision
-        from ..segment import CellposeSAM
-    except ImportError as e:  # pragma: no cover - only while the package is incomplete
-        print(f"cpsam train: AP validation unavailable ({e})", file=sys.stderr)
-        return {}
     was = net.training
     clone = copy.deepcopy(net).eval()  # segment() may convert dtype (bf16 on CUDA)
     try:
         model = CellposeSAM(clone, device=device, name="validation")
         per_group: dict[str, list[float]] = {}
         images = [np.moveaxis(s.image.astype(np.float32), 0, -1) for s in data.samples]
-        results = model.segment(images, normalize=False, batch_size=8, **(settings or {}))
+        if not isinstance(settings, Settings):
+            settings = Settings().replace(**dict(settings or {}))
+        results = model.segment(images, settings.replace(normalize=False))
         for s, r in zip(data.samples, results):
             ap = average_precision(s.masks, np.asarray(r.masks), [0.5])[0]
             per_group.setdefault(s.group or "all", []).append(float(np.ravel(ap)[0]))
@@ -296,7 +306,8 @@ def train(
     progress: bool = True,
     meta: dict[str, Any] | None = None,
     aux_loss: Callable[[torch.Tensor, Sequence[int], list[np.ndarray]], torch.Tensor] | None = None,
-    val_settings: dict[str, Any] | None = None,
+    settings: Settings | None = None,
+    val_settings: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train (fine-tune, or from scratch) a Cellpose-SAM network.
 
@@ -337,11 +348,14 @@ def train(
         network output, the training-set indices of the batch and their augmented label crops;
         its value is added to the segmentation loss (e.g. the class loss of
         :func:`cpsam_toolkit.panoptic.train_panoptic`). Not part of the validation loss.
+    settings : Settings
+        The segmentation settings of the validation AP (default: the defaults). Values set in
+        them (not defaults) are stored in the model file as its ``recommended_settings``, so
+        ``load_model(out).settings`` gives them back.
     val_settings : dict, optional
-        ``segment`` keywords of the validation AP (e.g. ``{"flow_threshold": 0.8}``, the
-        model's recommended settings); default: the library defaults.
+        ``segment`` keywords of the validation AP on top of ``settings`` (e.g.
+        ``{"flow_threshold": 0.8}``, the model's recommended settings); not stored.
     """
-    from ..device import resolve_device
 
     rec = get_recipe(recipe)
     over = {k: v for k, v in dict(epochs=epochs, lr=lr, batch_size=batch_size,
@@ -424,7 +438,7 @@ def train(
             return {}
         res: dict[str, Any] = {"val_loss": validation_loss(net, val_crops, dev)}
         if with_ap and val_ap:
-            res.update(validation_ap(net, va, dev, val_settings))
+            res.update(validation_ap(net, va, dev, val_used))
         return res
 
     def score(v: dict[str, Any]) -> float | None:
@@ -445,10 +459,16 @@ def train(
     data_desc = {"train": tr.description, "n_train": len(tr), "val": va.description if va else None,
                  "n_val": len(va) if va else 0}
 
+    val_used = (settings or Settings()).replace(**dict(val_settings or {}))
+    recommended = {}
+    if settings is not None and settings.non_default():
+        recommended = {"recommended_settings": {k: v for k, v in settings.to_dict().items()
+                                                if k in settings.non_default()}}
+
     def model_meta(kind: str, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
         return {"trained_with": "cpsam_toolkit.training", "recipe": rec.name, "recipe_params": rec.to_dict(),
                 "data": data_desc, "epochs": epoch, "checkpoint": kind, "val": metrics, "base_val": base,
-                "seed": seed, **(meta or {})}
+                "seed": seed, **recommended, **(meta or {})}
 
     if start == 0 and not base:
         t0 = time.time()
@@ -548,8 +568,6 @@ def train(
     if out is not None:
         src = run / "best.pt" if (va is not None and (run / "best.pt").exists()) else None
         if src is not None:
-            from ..network.checkpoints import load_checkpoint
-
             best_net, best_meta = load_checkpoint(src)
             m = {k: v for k, v in best_meta.items() if k not in ("config", "format")}
             m.update({"final_val": final, "best_val": best, "base_val": base, "epochs": done})
