@@ -9,7 +9,6 @@ import inspect
 import io as _io
 import math
 import os
-import shlex
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import ipywidgets as W
 import numpy as np
 
+from .. import outputs
 from .canvas import LabelCanvas
 from .codec import display_rgb, n_channels
 
@@ -122,21 +122,6 @@ def _short(v: Any) -> str:
 
 
 #: ``cpsam segment`` options whose name is not ``--<setting with dashes>``
-_CLI_SPECIAL = {"normalize": lambda v: [] if v else ["--no-norm"],
-                "percentiles": lambda v: ["--norm-percentile", f"{v[0]:g}", f"{v[1]:g}"],
-                "channels": lambda v: ["--channels", ",".join(str(int(c)) for c in v)]}
-
-
-def model_reference(model: Any) -> str:
-    """How to name ``model`` again: its registry name, else its file."""
-    from ..network import registry
-
-    name = str(getattr(model, "name", "") or "")
-    if name in getattr(registry, "REGISTRY", {}):
-        return name
-    return str((getattr(model, "info", None) or {}).get("path") or name)
-
-
 def repeat_command(
     model: Any,
     values: dict[str, Any],
@@ -145,28 +130,13 @@ def repeat_command(
     out: str | os.PathLike = "masks/",
 ) -> tuple[str, str]:
     """``(cli, python)``: the ``cpsam segment`` command and the Python call that repeat a run
-    with these settings (only non-default values are spelled out; the model's recommended
-    ones too, so the command does not depend on them)."""
-    ref = model_reference(model)
-    img = str(image) if image is not None else "IMAGE.tif"
-    cli = ["cpsam", "segment", img, "--out", str(out), "--model", ref]
-    kw = []
-    for k, v in values.items():
-        if sources.get(k) == "default" or v is None:
-            continue
-        if k in _CLI_SPECIAL:
-            cli += _CLI_SPECIAL[k](v)
-        elif isinstance(v, bool):
-            if v:
-                cli.append("--" + k.replace("_", "-"))
-        else:
-            cli += ["--" + k.replace("_", "-"), _short(v) if isinstance(v, float) else str(v)]
-        if k != "percentiles":
-            kw.append(f"{k}={v!r}")
-    py = (f"from cpsam_toolkit import load_model\nfrom cpsam_toolkit.io import imread\n"
-          f"model = load_model({ref!r})\n"
-          f"res = model.segment(imread({img!r}){''.join(', ' + a for a in kw)})")
-    return " ".join(shlex.quote(a) for a in cli), py
+    with these settings (:func:`cpsam_toolkit.outputs.repeat_command`, given the values that are
+    not library defaults, the model's recommended ones included, so the command does not depend
+    on them)."""
+    given = {k: v for k, v in values.items() if sources.get(k) != "default" and v is not None}
+    rc = outputs.repeat_command(given, model, inputs=str(image) if image is not None else "IMAGE.tif",
+                                out=str(out))
+    return rc.cli, rc.python
 
 
 def logit(p: float) -> float:
