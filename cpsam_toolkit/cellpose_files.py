@@ -14,7 +14,8 @@ with :class:`UnsafeFileError` before anything runs.
 Ground truth in cellpose's formats (``_seg.npy``, ``_cp_masks.png``/``.tif``, ``_masks.tif``) is
 read by :func:`cpsam_toolkit.io.imread` (object ``.npy`` files go through :func:`load_seg_npy`),
 so training (``--mask-suffix _seg``) and evaluation (``--gt-suffix _seg.npy``) accept it.
-This module is io-layer: it imports only :mod:`cpsam_toolkit.io` and :mod:`numpy`.
+This module is io-layer: it imports only :mod:`cpsam_toolkit.primitives` and :mod:`numpy`
+(:mod:`cpsam_toolkit.io` imports it).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 from numpy.lib import format as npy_format
 
-from .io import write_atomic
+from .primitives import flow_rgb, outlines, write_atomic
 
 SEG_SUFFIX = "_seg.npy"
 
@@ -175,18 +176,6 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
     return (np.clip(y, 0, 1) * 255).astype(np.uint8)
 
 
-def _flow_rgb(flows_yx: np.ndarray) -> np.ndarray:
-    from .outputs import flow_rgb
-
-    return flow_rgb(flows_yx)
-
-
-def _outlines(masks: np.ndarray) -> np.ndarray:
-    from .outputs import outlines
-
-    return outlines(masks)
-
-
 def seg_dict(
     masks: np.ndarray,
     flows: np.ndarray | None = None,
@@ -229,7 +218,7 @@ def seg_dict(
     masks = masks.astype(dt, copy=False)
     dat: dict[str, Any] = {
         "masks": masks,
-        "outlines": (masks * _outlines(masks)).astype(dt),
+        "outlines": (masks * outlines(masks)).astype(dt),
         "chan_choose": list(channels),
         "ismanual": np.zeros(n, bool),
         "filename": os.fspath(filename),
@@ -244,11 +233,11 @@ def seg_dict(
                              f"{masks.shape}")
         stacked = np.concatenate([flows, cellprob[None]], axis=0)
         if masks.ndim == 2:
-            rgb = _flow_rgb(flows)
+            rgb = flow_rgb(flows)
             dat["flows"] = [rgb[None], _to_uint8(cellprob)[None],
                             np.zeros((1, *rgb.shape), np.uint8), [], stacked]
         else:
-            rgb = np.stack([_flow_rgb(flows[1:, z]) for z in range(masks.shape[0])])
+            rgb = np.stack([flow_rgb(flows[1:, z]) for z in range(masks.shape[0])])
             dz = np.clip(flows[0] / 10 * 127 + 127, 0, 255).astype(np.uint8)
             dat["flows"] = [rgb, _to_uint8(cellprob), dz, [], stacked]
     if flow_threshold is not None:

@@ -15,6 +15,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from .cellprofiler import headless_command, plugins_directory
+from .network import registry
+
 
 @dataclass
 class Check:
@@ -140,8 +143,6 @@ def check_torch() -> tuple[Check, Check]:
 
 
 def check_weights() -> Check:
-    from .network import registry
-
     rows = {r["name"]: r for r in registry.list_models()}
     have = [n for n in registry.PUBLISHED_DEFAULTS if rows.get(n, {}).get("path")]
     if have:
@@ -170,8 +171,6 @@ print("RunCellposeSAM", m.variable_revision_number)
 
 
 def check_cellprofiler(timeout: float = 300.0) -> list[Check]:
-    from .cellprofiler import headless_command, plugins_directory
-
     try:
         folder = plugins_directory()
     except FileNotFoundError as e:

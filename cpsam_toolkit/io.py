@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import glob
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import tifffile
+
+from . import omezarr
+from .cellpose_files import check_seg, load_plain_npy, masks_of
+from .primitives import atomic_path, masks_dtype, write_atomic  # noqa: F401 - also io's names
 
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".npy")
 #: file-name endings of outputs and labels, never taken as input images
@@ -31,8 +33,6 @@ def imread(path: str | os.PathLike) -> np.ndarray:
     if not path.exists():
         raise ImageReadError(f"{path}: no such file")
     if path.is_dir():
-        from . import omezarr
-
         if omezarr.is_image(path):  # an OME-Zarr image group (e.g. one field of a plate)
             try:
                 return omezarr.read_image(path)
@@ -50,8 +50,6 @@ def imread(path: str | os.PathLike) -> np.ndarray:
         if ext in (".tif", ".tiff"):
             arr = tifffile.imread(path)
         elif ext == ".npy":  # a pickled object (cellpose _seg.npy) is read without running code
-            from .cellpose_files import check_seg, load_plain_npy, masks_of
-
             arr = load_plain_npy(path)
             if not isinstance(arr, np.ndarray):  # a cellpose _seg.npy: its labels
                 arr = masks_of(check_seg(arr, path))
@@ -104,9 +102,7 @@ def find_images(
         item = str(item)
         p = Path(item)
         if p.is_dir() and _is_ome_zarr(p):  # an OME-Zarr plate or image: its image groups
-            from .omezarr import find_images as zarr_images
-
-            found += zarr_images(p)
+            found += omezarr.find_images(p)
         elif p.is_dir():
             it = p.rglob("*") if recursive else p.iterdir()
             found += sorted(
@@ -137,9 +133,7 @@ def find_images(
 
 
 def _is_ome_zarr(path: Path) -> bool:
-    from .omezarr import is_ome_zarr
-
-    return is_ome_zarr(path)
+    return omezarr.is_ome_zarr(path)
 
 
 def input_stat(path: str | os.PathLike) -> os.stat_result:
@@ -147,55 +141,12 @@ def input_stat(path: str | os.PathLike) -> os.stat_result:
     time changes when labels are written into it)."""
     p = Path(path)
     if p.is_dir():
-        from .omezarr import metadata_file
-
-        meta = metadata_file(p)
+        meta = omezarr.metadata_file(p)
         if meta is not None:
             return meta.stat()
     return p.stat()
 
 
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path next to ``path``; rename it into place only on success.
-
-    On any error the temporary file is removed and an existing ``path`` is left intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".part{path.suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        # mkstemp makes 0600 files; give the result the usual permissions (0666 & ~umask)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_atomic(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
-    """Call ``writer(tmp_path)`` and move the result to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        writer(tmp)
-    return Path(path)
-
-
 def imwrite_tiff(path: str | os.PathLike, array: np.ndarray, compression: str = "zlib") -> Path:
     """Write ``array`` as a (zlib-compressed) TIFF, atomically."""
     return write_atomic(path, lambda tmp: tifffile.imwrite(tmp, array, compression=compression))
-
-
-def masks_dtype(n_labels: int) -> np.dtype:
-    """uint16 for up to 65,535 labels, else uint32."""
-    return np.dtype(np.uint16 if n_labels < 2**16 else np.uint32)

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from .primitives import as_label_dtype, write_text_atomic
+
 LABEL_NAME = "cpsam"
 RUN_FOLDER = "cpsam_run"  # the run folder when labels are written into the input plate
 
@@ -190,8 +192,6 @@ def write_labels(
     from ome_zarr.writer import add_metadata, get_metadata
     from ome_zarr.writer import write_labels as _write
 
-    from .outputs import as_label_dtype
-
     group_path = Path(image_group)
     src = Path(like) if like is not None else group_path
     ms = attrs(src).get("multiscales", [{}])[0]
@@ -247,8 +247,6 @@ class LabelTarget:
         if dst is None:
             return None
         where = write_labels(dst, masks, self.name, objects=objects, like=Path(image_path))
-        from .outputs import write_text_atomic
-
         rec = {"labels": str(where), "image": str(Path(image_path).resolve()), "name": self.name,
                "n_objects": int(masks.max()) if masks.size else 0}
         return write_text_atomic(out_dir / f"{job_stem}_labels.json", json.dumps(rec, indent=1))
@@ -344,8 +342,6 @@ def blockwise_labels(
 
     where = write_labels(target.destination(image), da.from_zarr(str(masks_zarr)), target.name,
                          like=image)
-    from .outputs import write_text_atomic
-
     rec = {"labels": str(where), "image": str(Path(image).resolve()), "name": target.name,
            "masks": str(masks_zarr)}
     return write_text_atomic(record, json.dumps(rec, indent=1))

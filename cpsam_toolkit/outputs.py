@@ -21,8 +21,17 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from .io import atomic_path, imwrite_tiff, masks_dtype, write_atomic
+from .io import imwrite_tiff, write_atomic
+from .network.registry import REGISTRY, sha256_file
 from .preprocess import to_channels_last
+from .primitives import (  # noqa: F401 - outputs' names since before they moved to primitives
+    as_label_dtype,
+    atomic_path,
+    flow_rgb,
+    masks_dtype,
+    outlines,
+    write_text_atomic,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .segment import SegmentationResult
@@ -54,39 +63,9 @@ def output_path(out_dir: str | os.PathLike, stem: str, kind: str) -> Path:
 # --------------------------------------------------------------------------------------------
 # masks and flows
 # --------------------------------------------------------------------------------------------
-def as_label_dtype(masks: np.ndarray) -> np.ndarray:
-    """Labels as uint16 (uint32 when there are 65,536 or more)."""
-    masks = np.asarray(masks)
-    if masks.size and masks.min() < 0:
-        raise ValueError("label images must not contain negative values")
-    top = int(masks.max()) if masks.size else 0
-    return masks.astype(masks_dtype(top), copy=False)
-
-
 def save_masks(path: str | os.PathLike, masks: np.ndarray) -> Path:
     """Write a label image as a zlib-compressed TIFF (uint16, or uint32 above 65,535 labels)."""
     return imwrite_tiff(path, as_label_dtype(masks))
-
-
-def flow_rgb(flows: np.ndarray) -> np.ndarray:
-    """(2, Y, X) ``[dY, dX]`` flows → (Y, X, 3) uint8 colour wheel.
-
-    Hue encodes the direction (three cosines 120° apart), brightness the magnitude scaled so
-    that its 1st–99th percentile range spans 0–1 (the same picture as the reference's
-    ``dx_to_circ``).
-    """
-    flows = np.asarray(flows, dtype=np.float32)
-    if flows.ndim != 3 or flows.shape[0] != 2:
-        raise ValueError(f"flows must be (2, Y, X), got shape {flows.shape}")
-    mag = np.hypot(flows[0], flows[1])
-    lo, hi = (np.percentile(mag, [1, 99]) if mag.size else (0.0, 0.0))
-    scaled = np.clip((mag - lo) / (hi - lo), 0, 1) if hi - lo > 1e-3 else np.zeros_like(mag)
-    scaled *= 255.0 / 2
-    angle = np.arctan2(flows[1], flows[0]) + np.pi
-    rgb = np.empty((*mag.shape, 3), np.uint8)
-    for c in range(3):
-        rgb[..., c] = np.clip(scaled * (np.cos(angle + 2 * np.pi * c / 3) + 1), 0, 255)
-    return rgb
 
 
 def save_flows(stem_path: str | os.PathLike, result: SegmentationResult | Any) -> list[Path]:
@@ -112,28 +91,6 @@ def save_flows(stem_path: str | os.PathLike, result: SegmentationResult | Any) -
 # --------------------------------------------------------------------------------------------
 # outlines
 # --------------------------------------------------------------------------------------------
-def outlines(masks: np.ndarray) -> np.ndarray:
-    """Boolean image of object borders: labelled pixels with a 4-neighbour of another value
-    (another object or background; the image edge itself is not a border).
-
-    Works for 2D and 3D label images (borders within each plane for 3D).
-    """
-    m = np.asarray(masks)
-    if m.ndim == 3:
-        return np.stack([outlines(p) for p in m])
-    if m.ndim != 2:
-        raise ValueError(f"masks must be 2D (or 3D), got shape {m.shape}")
-    out = np.zeros(m.shape, bool)
-    diff_y = m[1:, :] != m[:-1, :]
-    diff_x = m[:, 1:] != m[:, :-1]
-    out[1:, :] |= diff_y
-    out[:-1, :] |= diff_y
-    out[:, 1:] |= diff_x
-    out[:, :-1] |= diff_x
-    out &= m != 0
-    return out
-
-
 def to_uint8_rgb(image: np.ndarray, channel_axis: int | None = None) -> np.ndarray:
     """A display version of an image: (Y, X, 3) uint8, each channel stretched 1st–99th
     percentile. One channel becomes grey, two become red/green."""
@@ -269,13 +226,6 @@ def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     return buf.getvalue()
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file atomically (UTF-8)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
-
-
 def object_rows(objects: Mapping[str, np.ndarray], **extra: Any) -> list[dict[str, Any]]:
     """Rows (one dict per object) of a ``SegmentationResult.objects`` table; ``extra``
     columns (e.g. ``image=stem``) come first in every row."""
@@ -393,8 +343,6 @@ def _model_ref(model: Any) -> tuple[str | None, str | None]:
     info = getattr(model, "info", None) or {}
     name = getattr(model, "name", None)
     path = info.get("path")
-    from .network.registry import REGISTRY
-
     ref = name if name in REGISTRY else (path or name)
     return (os.fspath(ref) if ref is not None else None), info.get("sha256")
 
@@ -478,8 +426,6 @@ def run_record(settings: Any, model: Any = None) -> str:
     ref, sha = _model_ref(model)
     info = getattr(model, "info", None) or {}
     if sha is None and info.get("path") and os.path.isfile(info["path"]):
-        from .network.registry import sha256_file
-
         sha = sha256_file(info["path"])
     try:
         from importlib.metadata import version

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cellprofiler import MODULE_NAME, headless_command, install, plugin_file, plugins_directory
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -22,8 +24,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cellprofiler import MODULE_NAME, headless_command, install, plugin_file, plugins_directory
-
     try:
         if args.install:
             file = install(args.install)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
+
+from ..doctor import run_checks, summary
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,10 +25,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from ..doctor import run_checks, summary
-
     checks = run_checks(cellprofiler=not args.no_cellprofiler)
     counts = summary(checks)
     if args.json:

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import CheckpointError, load_checkpoint
+from .checkpoints import CheckpointError, load_checkpoint, read_file
 from .config import PRESETS, NetConfig, get_config
 
 #: Where the official Cellpose-SAM weights are published.
@@ -714,8 +714,6 @@ def describe(name_or_path: str | os.PathLike) -> dict[str, Any]:
 
 def _describe_sam(path: Path) -> dict[str, Any] | None:
     import torch
-
-    from .checkpoints import read_file
 
     try:
         obj = read_file(path)

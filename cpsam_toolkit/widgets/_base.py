@@ -18,6 +18,7 @@ import ipywidgets as W
 import numpy as np
 
 from .. import outputs
+from ..settings import SETTING_NAMES, Settings
 from .canvas import LabelCanvas
 from .codec import display_rgb, n_channels
 
@@ -78,8 +79,6 @@ def model_recommended(model: Any) -> dict[str, Any]:
 
 def default_settings() -> dict[str, Any]:
     """The library defaults of every segmentation setting (:class:`cpsam_toolkit.settings.Settings`)."""
-    from ..settings import Settings
-
     return Settings().values()
 
 
@@ -88,7 +87,6 @@ def resolve_settings(model: Any, user: dict[str, Any] | None = None) -> tuple[di
     ``user`` values, validated as a :class:`cpsam_toolkit.settings.Settings` (a bad value raises
     ``ValueError`` naming the setting and the fix); ``sources[name]`` is ``"default"``,
     ``"model"`` or ``"user"``. Other ``segment`` keywords in ``user`` pass through as "user"."""
-    from ..settings import SETTING_NAMES, Settings
 
     user = dict(user or {})
     s = Settings.from_model(model_recommended(model) if model is not None else {})

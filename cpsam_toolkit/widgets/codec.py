@@ -13,6 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from ..outputs import to_uint8_rgb
+from ..preprocess import to_channels_last
+
 __all__ = ["png_bytes", "encode_labels", "decode_labels", "display_rgb", "object_columns"]
 
 
@@ -56,9 +59,6 @@ def display_rgb(image: np.ndarray, channel: int | None = None, channel_axis: int
     Each channel is stretched between its 1st and 99th percentile
     (:func:`cpsam_toolkit.outputs.to_uint8_rgb`).
     """
-    from ..outputs import to_uint8_rgb
-    from ..preprocess import to_channels_last
-
     img = to_channels_last(np.asarray(image), channel_axis=channel_axis, name="image")
     if channel is not None:
         if not 0 <= channel < img.shape[-1]:
@@ -68,8 +68,6 @@ def display_rgb(image: np.ndarray, channel: int | None = None, channel_axis: int
 
 
 def n_channels(image: np.ndarray, channel_axis: int | None = None) -> int:
-    from ..preprocess import to_channels_last
-
     return int(to_channels_last(np.asarray(image), channel_axis=channel_axis, name="image").shape[-1])
 
 

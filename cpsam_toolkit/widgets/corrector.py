@@ -20,7 +20,9 @@ from typing import Any
 import ipywidgets as W
 import numpy as np
 
+from ..evaluate import load_labels
 from ..io import find_images, imread
+from ..preprocess import to_channels_last
 from ._base import (
     Panel,
     ViewControls,
@@ -341,8 +343,6 @@ class Corrector(Panel):
     def _starting_labels(self, i: int, img: np.ndarray) -> np.ndarray:
         it = self.items[i]
         if it.mask_path.exists():
-            from ..evaluate import load_labels
-
             lab = np.squeeze(load_labels(it.mask_path))
             self._saved.add(i)
             return lab
@@ -477,6 +477,4 @@ class Corrector(Panel):
 
 
 def _yx_shape(img: np.ndarray, channel_axis: int | None) -> tuple[int, int]:
-    from ..preprocess import to_channels_last
-
     return to_channels_last(img, channel_axis=channel_axis).shape[:2]  # type: ignore[return-value]

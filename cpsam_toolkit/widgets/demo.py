@@ -9,6 +9,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..io import find_images
+from ..network import registry
+from ..network.checkpoints import save_checkpoint
+from ..network.config import get_config
+from ..network.model import CPSAMNet
+from ..segment import load_model
+
 log = logging.getLogger("cpsam_toolkit")
 
 SHIPPED = "cpsam_toolkit_small"
@@ -21,8 +28,6 @@ def example_dir() -> Path:
 
 def example_images() -> list[Path]:
     """The bundled example images (without their label files), sorted by name."""
-    from ..io import find_images
-
     d = example_dir()
     if not d.is_dir():
         raise FileNotFoundError(f"no bundled examples at {d}: reinstall cpsam-toolkit with its package data")
@@ -37,8 +42,6 @@ def example_masks(image: str | Path) -> Path:
 
 
 def shipped_model_available() -> bool:
-    from ..network import registry
-
     try:
         registry.resolve_weights(SHIPPED, download=False)
     except Exception:  # noqa: BLE001 - any reason means "not here"
@@ -56,7 +59,6 @@ def notebook_model(device: Any = None) -> Any:
     ``model.info["recommended_settings"]``), or — only when this installation has no shipped
     model file, as in a source checkout before it is trained — a tiny network with random
     weights, with a warning (results are then meaningless, but every step runs)."""
-    from ..segment import load_model
 
     if shipped_model_available():
         # the load-time "recommends flow_threshold=0.8" message is for scripts; the widgets apply
@@ -68,10 +70,6 @@ def notebook_model(device: Any = None) -> Any:
         finally:
             log.removeFilter(quiet)
     import torch
-
-    from ..network.checkpoints import save_checkpoint
-    from ..network.config import get_config
-    from ..network.model import CPSAMNet
 
     warnings.warn(f"the shipped model ({SHIPPED}) is not installed: using a tiny UNTRAINED network, "
                   "so masks will be meaningless", stacklevel=2)

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from ..outputs import save_masks
+
 __all__ = ["Stroke", "Edit", "LabelEditor", "stroke_mask", "is_closed_outline"]
 
 #: event types understood by :meth:`LabelEditor.apply`
@@ -420,7 +422,6 @@ class LabelEditor:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the labels as a zlib TIFF atomically (a failed write leaves no partial file
         and an existing file untouched); uint16, or uint32 above 65,535 labels."""
-        from ..outputs import save_masks
 
         out = save_masks(path, self.labels)
         self.mark_saved()

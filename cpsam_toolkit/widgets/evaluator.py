@@ -25,6 +25,9 @@ import numpy as np
 from .. import evaluate as E
 from .. import metrics as M
 from ..io import IMAGE_EXTENSIONS, imread
+from ..outputs import outlines, save_masks
+from ..preprocess import to_channels_last
+from ..training.data import find_pairs
 from ._base import (
     Panel,
     ViewControls,
@@ -193,8 +196,6 @@ class Evaluator(Panel):
 
     def _run_model(self, model: Any, test_dir: Path, img_suffix: str, mask_suffix: str,
                    out_dir: str | os.PathLike | None, seg_kw: dict[str, Any]) -> None:
-        from ..training.data import find_pairs
-
         self._dataset = test_dir.resolve().name or "test"
         pairs = find_pairs(test_dir, img_suffix, mask_suffix)
         for ip, mp in pairs:
@@ -210,8 +211,6 @@ class Evaluator(Panel):
                 continue
             pp = None
             if out_dir is not None:
-                from ..outputs import save_masks
-
                 pp = Path(save_masks(Path(out_dir) / f"{stem}_masks.tif", pred))
             self.images.append(EvalImage(stem, gt, pred, M.matching(gt, pred, self.thresholds), ip, mp, pp))
 
@@ -314,7 +313,6 @@ class Evaluator(Panel):
                 channel: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         """The display image with false negatives drawn in, and the TP/FP colour of each
         predicted label: ``(rgb, {"colors", "status", "objects"})``."""
-        from ..outputs import outlines
 
         im = self.images[i]
         iou = float(self.iou.value if iou is None else iou)
@@ -343,7 +341,6 @@ class Evaluator(Panel):
         if i is None:
             return
         rgb, info = self.overlay(i, show_fn=self.show_fn.value, channel=self.view.channel.value)
-        from ..preprocess import to_channels_last
 
         if self.images[i].image_path is not None:
             n = to_channels_last(self._image(i), self.channel_axis).shape[-1]

@@ -32,7 +32,20 @@ import ipywidgets as W
 import numpy as np
 
 from ..io import imread, write_atomic
-from ._base import MASK_KEYS, Panel, figure_png, fmt, html_table, report_errors, resolve_settings, status_html
+from ..segment import load_model
+from ..training import RECIPES, TrainingSet, get_recipe, train
+from ..training.data import find_pairs
+from ._base import (
+    MASK_KEYS,
+    Panel,
+    figure_png,
+    fmt,
+    html_table,
+    report_errors,
+    resolve_settings,
+    safe_output_dir,
+    status_html,
+)
 
 
 def _load(x: Any) -> np.ndarray:
@@ -83,8 +96,6 @@ class Finetuner(Panel):
         out: str | os.PathLike = "finetuned.pt",
         recipe_overrides: dict[str, Any] | None = None,
     ) -> None:
-        from ..training import RECIPES, get_recipe
-
         self.base_model = model
         self.corrector = corrector
         self.viewer = viewer
@@ -163,8 +174,6 @@ class Finetuner(Panel):
     def add(self, data: Any, names: Sequence[str] | None = None) -> None:
         """Add ``(image, masks)`` pairs (arrays or paths) or a training folder."""
         if isinstance(data, (str, os.PathLike)):
-            from ..training.data import find_pairs
-
             data = find_pairs(data)
         data = list(data)
         known = {n for n, _, _ in self._pairs}
@@ -211,8 +220,6 @@ class Finetuner(Panel):
         self.train_select.value = tuple(n for n in names if n not in val and (n in old_t or n in new))
 
     def _on_recipe(self, change: dict) -> None:
-        from ..training import get_recipe
-
         self.lr.value = get_recipe(change["new"]).lr
 
     def set_split(self, train: Sequence[str] | None = None, val: Sequence[str] | None = None) -> None:
@@ -233,8 +240,6 @@ class Finetuner(Panel):
         return list(self.train_select.value), list(self.val_select.value)
 
     def _training_set(self, names: list[str]) -> Any:
-        from ..training import TrainingSet
-
         by = {n: (i, m) for n, i, m in self._pairs}
         arrays = [(_load(by[n][0]), _load(by[n][1])) for n in names]
         return TrainingSet.build(arrays, names=names, min_masks=1)
@@ -246,8 +251,6 @@ class Finetuner(Panel):
 
     def start(self, wait: bool = False) -> None:
         """Start training in a background thread (``wait=True``: block until it ends)."""
-        from ..training import get_recipe
-
         if self.running:
             raise RuntimeError("training is already running (Stop it first)")
         train_names, val_names = self.split()
@@ -314,9 +317,6 @@ class Finetuner(Panel):
         return self.result
 
     def _run(self, tr: Any, va: Any, rec: Any) -> None:
-        from ..segment import load_model
-        from ..training import train
-
         try:
             net = copy.deepcopy(self.base_model.net).float()
             out = self._run_dir / "finetuned.pt"  # type: ignore[operator]
@@ -443,7 +443,6 @@ class Finetuner(Panel):
             raise RuntimeError("nothing to save: train first")
         if self.model is None:
             raise RuntimeError("finetuning did not improve on the starting model: nothing better to save")
-        from ._base import safe_output_dir
 
         target = Path(path or self.save_path.value)
         safe_output_dir(target.parent)

@@ -13,6 +13,7 @@ import ipywidgets as W
 import numpy as np
 
 from ..io import imread
+from ..outputs import save_masks
 from ._base import (
     MASK_KEYS,
     Panel,
@@ -241,7 +242,6 @@ class Viewer(Panel):
     def save(self, path: str | os.PathLike | None = None) -> Path:
         """Write the masks atomically: to ``path`` if it names a ``.tif`` file, else as
         ``<name>_masks.tif`` into the folder ``path`` (default: the "save to" folder)."""
-        from ..outputs import save_masks
 
         target = Path(path or self.save_path.value or self.out_dir)
         if target.suffix.lower() not in (".tif", ".tiff"):
