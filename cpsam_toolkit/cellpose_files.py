@@ -94,6 +94,15 @@ def _check_plain(obj: Any, source: str, depth: int = 0) -> None:
     raise UnsafeFileError(f"{source}: refused to load: holds a {type(obj).__name__}")
 
 
+def _gui_outlines(masks: np.ndarray) -> np.ndarray:
+    """Object borders as the cellpose GUI draws them: like :func:`primitives.outlines`, but an
+    object's pixels on the image edge are border too (cellpose traces each object's contour)."""
+    m = np.asarray(masks)
+    pad = [(0, 0)] * (m.ndim - 2) + [(1, 1), (1, 1)]
+    crop = (Ellipsis, slice(1, -1), slice(1, -1))
+    return outlines(np.pad(m, pad))[crop]
+
+
 def load_plain_npy(path: str | os.PathLike) -> Any:
     """Contents of a ``.npy`` file, unpickling object arrays with the restricted unpickler.
 
@@ -218,7 +227,7 @@ def seg_dict(
     masks = masks.astype(dt, copy=False)
     dat: dict[str, Any] = {
         "masks": masks,
-        "outlines": (masks * outlines(masks)).astype(dt),
+        "outlines": (masks * _gui_outlines(masks)).astype(dt),
         "chan_choose": list(channels),
         "ismanual": np.zeros(n, bool),
         "filename": os.fspath(filename),

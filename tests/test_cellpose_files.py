@@ -28,7 +28,8 @@ def segmented(tmp_path_factory, data_dir):
         (src / f"{s}.tif").write_bytes((data_dir / DSB / "train" / f"{s}_img.tif").read_bytes())
     out = tmp_path_factory.mktemp("out")
     rc = main(["segment", str(src), "--out", str(out), "--model", "cpsam_toolkit_small",
-               "--save-npy", "--save-flows", "--flow-threshold", "0.8", "--no-progress"])
+               "--save-npy", "--save-flows", "--flow-threshold", "0.8", "--cellprob-threshold", "0",
+               "--no-progress"])
     assert rc == 0
     return src, out, names
 
