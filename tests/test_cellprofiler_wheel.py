@@ -128,7 +128,7 @@ def test_wheel_plugin_runs_in_headless_cellprofiler(tmp_path, data_dir):
 def test_doctor_loads_the_module_with_cellprofiler_core(tmp_path, monkeypatch):
     if importlib.util.find_spec("cellprofiler_core") is None:
         pytest.skip("cellprofiler-core is not installed")
-    from cpsam_toolkit import cellprofiler as cpmod
+    from cpsam_toolkit import doctor
     from cpsam_toolkit.doctor import check_cellprofiler
 
     checks = {c.name: c for c in check_cellprofiler()}
@@ -138,7 +138,7 @@ def test_doctor_loads_the_module_with_cellprofiler_core(tmp_path, monkeypatch):
     broken = tmp_path / "plugins"
     broken.mkdir()
     (broken / "runcellposesam.py").write_text("import cellprofiler_core\nraise ImportError('boom')\n")
-    monkeypatch.setattr(cpmod, "plugins_directory", lambda: broken)
+    monkeypatch.setattr(doctor, "plugins_directory", lambda: broken)
     checks = {c.name: c for c in check_cellprofiler()}
     bad = checks["CellProfiler loads the module"]
     assert bad.status == "fail" and bad.fix, bad.line()
