@@ -39,9 +39,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import tiling
 from .batch import ModelSpec, WorkerSetup, model_file, model_for_workers, worker_model
 from .io import imread, imwrite_tiff
+from .modes.blocks import (
+    Block,
+    aligned_outputs,
+    compose_core,
+    keep_core_objects,
+    neighbours,
+    plan_blocks,
+)
 from .preprocess import (
     MAX_AUTO_CHANNELS,
     ImageInputError,
@@ -74,37 +81,6 @@ Box = tuple[int, int, int, int]  # (y0, y1, x0, x1)
 # --------------------------------------------------------------------------------------------
 # blocks
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Block:
-    """One block: its grid index, its core and its crop (core + halo), ``(y0, y1, x0, x1)``."""
-
-    index: tuple[int, int]
-    core: tuple[int, int, int, int]
-    crop: tuple[int, int, int, int]
-
-    @property
-    def name(self) -> str:
-        return f"b{self.index[0]}_{self.index[1]}"
-
-
-def plan_blocks(shape: tuple[int, int], block_size: int, halo: int) -> list[Block]:
-    """Blocks of ``block_size`` covering a (Y, X) image, in raster order, with crops grown by
-    ``halo`` and clipped to the image."""
-    if block_size < 16:
-        raise ValueError(f"block_size must be >= 16 pixels, got {block_size}")
-    if halo < 0:
-        raise ValueError(f"halo must be >= 0, got {halo}")
-    ly, lx = shape
-    blocks = []
-    for by in range(math.ceil(ly / block_size)):
-        for bx in range(math.ceil(lx / block_size)):
-            y0, x0 = by * block_size, bx * block_size
-            y1, x1 = min(ly, y0 + block_size), min(lx, x0 + block_size)
-            crop = (max(0, y0 - halo), min(ly, y1 + halo), max(0, x0 - halo), min(lx, x1 + halo))
-            blocks.append(Block((by, bx), (y0, y1, x0, x1), crop))
-    return blocks
-
-
 # --------------------------------------------------------------------------------------------
 # sources
 # --------------------------------------------------------------------------------------------
@@ -301,29 +277,6 @@ def prepare_crop(
 # --------------------------------------------------------------------------------------------
 # pass 1: segment blocks, keep the objects whose centroid is in the core
 # --------------------------------------------------------------------------------------------
-def keep_core_objects(masks: np.ndarray, block: Block) -> tuple[np.ndarray, int]:
-    """Crop labels → labels 1..k of the objects whose centroid lies in the block's core
-    (others set to 0), uint32."""
-    n = int(masks.max()) if masks.size else 0
-    if n == 0:
-        return np.zeros(masks.shape, np.uint32), 0
-    lab = masks.ravel().astype(np.int64)
-    area = np.bincount(lab, minlength=n + 1).astype(np.float64)
-    yy, xx = np.indices(masks.shape)
-    safe = np.maximum(area, 1)
-    cy = np.bincount(lab, yy.ravel(), n + 1) / safe
-    cx = np.bincount(lab, xx.ravel(), n + 1) / safe
-    y0, y1, x0, x1 = block.core
-    oy, ox = block.crop[0], block.crop[2]
-    gy, gx = np.floor(cy) + oy, np.floor(cx) + ox
-    keep = (area > 0) & (gy >= y0) & (gy < y1) & (gx >= x0) & (gx < x1)
-    keep[0] = False
-    lut = np.zeros(n + 1, np.uint32)
-    k = int(keep.sum())
-    lut[keep] = np.arange(1, k + 1, dtype=np.uint32)
-    return lut[masks], k
-
-
 def _crop_file(tmp: Path, block: Block) -> Path:
     return tmp / "blocks" / f"{block.name}.tif"
 
@@ -367,96 +320,11 @@ def _aligned_outputs(
     settings: _Settings,
     lowhigh: Sequence[tuple[float, float]] | None,
 ) -> Iterator[tuple[Block, np.ndarray]]:
-    """Network outputs ``(nout, Y, X)`` over each block's crop, computed from the tiles of the
-    *whole image's* tile grid that cover the crop and blended as whole-image segmentation
-    blends them: the same tiles, the same inputs, the same sums, so the outputs are the
-    whole image's outputs (bit-identical on the CPU). Tiles of consecutive blocks share
-    network batches."""
-
-    tile = model.net.cfg.tile
-    ly, lx = source.shape2d
-    plan = tiling.TilePlan.for_shape((ly, lx), tile, settings.net.tile_overlap, settings.net.augment)
-    py, px = plan.pads[0], plan.pads[2]
-    nx = len(plan.xstarts)
-    taper = tiling.taper_mask(tile)
-    batch = max(1, settings.net.batch_size)
-
-    def tiles_of(block: Block) -> list[tuple[int, int, int]]:
-        cy0, cy1, cx0, cx1 = block.crop
-        out = []
-        for j, ys in enumerate(plan.ystarts):
-            iy = int(ys) - py
-            if iy >= cy1 or iy + tile <= cy0:
-                continue
-            for i, xs in enumerate(plan.xstarts):
-                ix = int(xs) - px
-                if ix < cx1 and ix + tile > cx0:
-                    out.append((j * nx + i, iy, ix))
-        return out
-
-    pending: list[dict[str, Any]] = []  # blocks in flight, in order
-    queue: list[tuple[dict[str, Any], int, int, int]] = []
-
-    def start(block: Block) -> None:
-        tiles = tiles_of(block)
-        # one read per block: the image region under all its tiles (clipped to the image)
-        span = (max(0, min(t[1] for t in tiles)), min(ly, max(t[1] for t in tiles) + tile),
-                max(0, min(t[2] for t in tiles)), min(lx, max(t[2] for t in tiles) + tile))
-        cy0, cy1, cx0, cx1 = block.crop
-        st = {"block": block, "x": _region(source, span, settings.inputs, lowhigh), "span": span,
-              "n": len(tiles), "done": 0, "sum": None,
-              "weight": np.zeros((cy1 - cy0, cx1 - cx0), np.float64)}
-        pending.append(st)
-        queue.extend((st, k, iy, ix) for k, iy, ix in tiles)
-
-    def cut(st: dict[str, Any], iy: int, ix: int) -> np.ndarray:
-        x, (sy0, sy1, sx0, sx1) = st["x"], st["span"]
-        t = np.zeros((x.shape[0], tile, tile), np.float32)  # zero padding, as pad_image
-        y0, y1, x0, x1 = max(iy, sy0), min(iy + tile, sy1), max(ix, sx0), min(ix + tile, sx1)
-        t[:, y0 - iy : y1 - iy, x0 - ix : x1 - ix] = x[:, y0 - sy0 : y1 - sy0, x0 - sx0 : x1 - sx0]
-        return t
-
-    def flush() -> None:
-        items = queue[:batch]
-        del queue[:batch]
-        tiles = []
-        for st, k, iy, ix in items:
-            t = cut(st, iy, ix)
-            axes = plan.flips(k)
-            tiles.append(np.flip(t, axes) if axes else t)
-        y = np.asarray(model.predict_tiles(np.stack(tiles)), dtype=np.float32)
-        for (st, k, iy, ix), yk in zip(items, y, strict=True):
-            axes = plan.flips(k)
-            if axes:  # undo the flip; a flip along Y negates dY, along X negates dX
-                yk = np.flip(yk, axes).copy()
-                for ax in axes:
-                    yk[-3 if ax == -2 else -2] *= -1
-            cy0, cy1, cx0, cx1 = st["block"].crop
-            y0, y1, x0, x1 = max(iy, cy0), min(iy + tile, cy1), max(ix, cx0), min(ix + tile, cx1)
-            if st["sum"] is None:
-                st["sum"] = np.zeros((yk.shape[0], cy1 - cy0, cx1 - cx0), np.float32)
-            tsl = (slice(y0 - iy, y1 - iy), slice(x0 - ix, x1 - ix))
-            csl = (slice(y0 - cy0, y1 - cy0), slice(x0 - cx0, x1 - cx0))
-            st["sum"][(slice(None), *csl)] += yk[(slice(None), *tsl)] * taper[tsl]
-            st["weight"][csl] += taper[tsl]
-            st["done"] += 1
-
-    it = iter(blocks)
-    exhausted = False
-    while True:
-        while not exhausted and len(queue) < batch:
-            b = next(it, None)
-            if b is None:
-                exhausted = True
-            else:
-                start(b)
-        if queue:
-            flush()
-        while pending and pending[0]["done"] == pending[0]["n"]:
-            st = pending.pop(0)
-            yield st["block"], np.ascontiguousarray(st["sum"] / st["weight"], dtype=np.float32)
-        if exhausted and not queue and not pending:
-            return
+    """Network outputs ``(nout, Y, X)`` over each block's crop: the whole image's outputs
+    (:func:`cpsam_toolkit.modes.blocks.aligned_outputs`), read from ``source``."""
+    return aligned_outputs(model.predict_tiles, source.shape2d,
+                           lambda box: _region(source, box, settings.inputs, lowhigh),
+                           blocks, settings.net, model.net.cfg.tile)
 
 
 def segment_blocks(
@@ -507,40 +375,6 @@ def _pass1_task(spec: Any, source: Source, blocks: Sequence[Block], settings: _S
 # --------------------------------------------------------------------------------------------
 # pass 2: compose each core from its block and its neighbours; merge duplicates
 # --------------------------------------------------------------------------------------------
-def _intersect(a: Box, b: Box) -> Box | None:
-    y0, y1 = max(a[0], b[0]), min(a[1], b[1])
-    x0, x1 = max(a[2], b[2]), min(a[3], b[3])
-    return (y0, y1, x0, x1) if y0 < y1 and x0 < x1 else None
-
-
-def _local(region: Box, origin: Box) -> tuple[slice, slice]:
-    return (slice(region[0] - origin[0], region[1] - origin[0]),
-            slice(region[2] - origin[2], region[3] - origin[2]))
-
-
-def _duplicate_pairs(
-    a: np.ndarray, ba: Block, area_a: np.ndarray,
-    b: np.ndarray, bb: Block, area_b: np.ndarray,
-    iou_min: float = 0.5,
-) -> list[tuple[int, int]]:
-    """Local-id pairs of objects of two overlapping crops that are the same cell (IoU >
-    ``iou_min`` over their full extents; ``area_*`` are the crops' label bincounts)."""
-    region = _intersect(ba.crop, bb.crop)
-    if region is None:
-        return []
-    ra, rb = a[_local(region, ba.crop)], b[_local(region, bb.crop)]
-    both = (ra > 0) & (rb > 0)
-    if not both.any():
-        return []
-    key = (ra[both].astype(np.uint64) << np.uint64(32)) | rb[both].astype(np.uint64)
-    uniq, inter = np.unique(key, return_counts=True)
-    ida = (uniq >> np.uint64(32)).astype(np.int64)
-    idb = (uniq & np.uint64(0xFFFFFFFF)).astype(np.int64)
-    iou = inter / (area_a[ida] + area_b[idb] - inter)
-    sel = iou > iou_min
-    return list(zip(ida[sel].tolist(), idb[sel].tolist(), strict=True))
-
-
 def compose_block(
     block: Block,
     neighbours: Sequence[Block],
@@ -548,51 +382,15 @@ def compose_block(
     tmp: str | os.PathLike,
     labels_path: str,
 ) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Pass 2 for one block: write its core of the label array; return the global ids
-    present and the same-cell pairs it merged.
-
-    The core is painted with the neighbours' kept objects that reach into it, then with its
-    own (which win where they overlap). Objects of two overlapping crops with IoU > 0.5 are
-    one cell found by both blocks: both get the smaller id. Every task that sees such a pair
-    sees the same two crops and applies the same rule, so they all merge it the same way.
-    """
+    """Pass 2 for one block: write its core of the label array
+    (:func:`cpsam_toolkit.modes.blocks.compose_core`); return the global ids present and the
+    same-cell pairs it merged."""
     import zarr
 
     tmp = Path(tmp)
-    group = [block, *sorted(neighbours, key=lambda b: b.index)]
-    local = {b.index: _load_crop(tmp, b) for b in group}
-    areas = {i: np.bincount(c.ravel()) for i, c in local.items()}
-    parent: dict[int, int] = {}
-
-    def find(i: int) -> int:
-        while parent.get(i, i) != i:
-            i = parent[i]
-        return i
-
-    pairs = []
-    for i, bi in enumerate(group):
-        for bj in group[i + 1:]:
-            for p, q in _duplicate_pairs(local[bi.index], bi, areas[bi.index],
-                                         local[bj.index], bj, areas[bj.index]):
-                gp, gq = p + offsets[bi.index], q + offsets[bj.index]
-                pairs.append((gp, gq))
-                rp, rq = find(gp), find(gq)
-                if rp != rq:
-                    parent[max(rp, rq)] = min(rp, rq)
+    crops = {b.index: _load_crop(tmp, b) for b in (block, *neighbours)}
+    canvas, pairs = compose_core(block, neighbours, crops, offsets)
     y0, y1, x0, x1 = block.core
-    canvas = np.zeros((y1 - y0, x1 - x0), np.uint32)
-    for b in (*group[1:], block):  # own objects painted last
-        region = _intersect(b.crop, block.core)
-        if region is None:
-            continue
-        src = local[b.index][_local(region, b.crop)]
-        dst = canvas[_local(region, block.core)]
-        np.copyto(dst, src.astype(np.uint32) + np.uint32(offsets[b.index]), where=src > 0)
-    if parent:
-        ids = np.array(sorted(parent), dtype=np.uint32)
-        roots = np.array([find(int(i)) for i in ids], dtype=np.uint32)
-        idx = np.minimum(np.searchsorted(ids, canvas), len(ids) - 1)
-        canvas = np.where(ids[idx] == canvas, roots[idx], canvas)
     out = zarr.open_array(labels_path, mode="r+")
     out[y0:y1, x0:x1] = canvas
     return np.unique(canvas[canvas > 0]), pairs
@@ -638,16 +436,6 @@ class BlockwiseResult:
     def read(self) -> np.ndarray:
         """All labels in memory (only for images that fit)."""
         return self.open()[:]
-
-
-def _neighbours(block: Block, by_index: dict[tuple[int, int], Block]) -> list[Block]:
-    by, bx = block.index
-    out = []
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if (dy or dx) and (by + dy, bx + dx) in by_index:
-                out.append(by_index[(by + dy, bx + dx)])
-    return out
 
 
 def _replace_dir(src: Path, dst: Path, overwrite: bool) -> None:
@@ -767,7 +555,7 @@ def segment_blockwise(
         if total >= 2**32 - 1:
             raise OverflowError(f"{total} objects do not fit uint32 labels")
         # pass 2
-        args = [(b, _neighbours(b, by_index)) for b in blocks]
+        args = [(b, neighbours(b, by_index)) for b in blocks]
         if client is None:
             results = [compose_block(b, nb, offsets, tmp, labels_path) for b, nb in args]
         else:

@@ -296,7 +296,7 @@ _CLI_FLAGS = {
     "cellprob_threshold": "--cellprob-threshold", "min_size": "--min-size",
     "max_size_fraction": "--max-size-fraction", "niter": "--niter", "z_axis": "--z-axis",
     "anisotropy": "--anisotropy", "stitch_threshold": "--stitch-threshold",
-    "flow3d_smooth": "--flow3d-smooth",
+    "flow3d_smooth": "--flow3d-smooth", "gpu_memory": "--gpu-memory", "host_memory": "--host-memory",
 }
 _CLI_SWITCHES = {"invert": "--invert", "augment": "--augment", "do_3d": "--do-3d"}
 #: written even when equal to today's CLI default (defaults may come from the model)
@@ -375,7 +375,8 @@ def repeat_command(
     left_out = []
     # one canonical order (input, network, masks, volumes), whatever order the settings came in
     order = ("channel_axis", "channels", "normalize", "percentiles", "invert", "tile_norm_blocksize",
-             "diameter", "batch_size", "tile_overlap", "augment", "gpu_memory", "flow_threshold",
+             "diameter", "batch_size", "tile_overlap", "augment", "gpu_memory", "host_memory",
+             "flow_threshold",
              "cellprob_threshold", "min_size", "max_size_fraction", "niter", "do_3d", "z_axis",
              "anisotropy", "flow3d_smooth", "stitch_threshold")
     d = {k: d[k] for k in sorted(d, key=lambda k: (order.index(k) if k in order else len(order), k))}

@@ -9,6 +9,7 @@ are re-exported.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -31,12 +32,14 @@ from .core.predictor import Predictor, run_with_oom_fallback
 from .core.predictor import is_oom as _is_oom  # noqa: F401 - former private names
 from .core.predictor import resize_maps as _resize  # noqa: F401
 from .core.result import SegmentationResult
+from .modes.blocks import BlockPlan, choose_blocks, host_memory_budget, segment_in_blocks
 from .modes.panoptic import PanopticResult, is_panoptic, iter_panoptic
 from .modes.planar import iter_planar
 from .modes.volume import segment_3d
 from .network import registry
 from .network.checkpoints import load_checkpoint
 from .network.model import CPSAMNet
+from .preprocess import to_channels_last
 from .settings import Settings
 
 log = logging.getLogger("cpsam_toolkit")
@@ -100,15 +103,49 @@ class CellposeSAM(Predictor):
         progress: bool | Callable[[int], None] = False,
     ) -> Iterator[SegmentationResult]:
         """Stream 2D results in input order (for folders and plates): the planar mode, or
-        the panoptic mode for a network with class maps."""
+        the panoptic mode for a network with class maps.
+
+        An image whose whole-image segmentation would need more host memory than
+        ``net.host_memory`` allows (:func:`cpsam_toolkit.modes.blocks.choose_blocks`) is
+        segmented in blocks (:func:`cpsam_toolkit.modes.blocks.segment_in_blocks`), with a log
+        line saying so; the others stream through the network together."""
         masks.validate()
-        masks = scale_niter(masks, inputs.diameter)
         classes = self.net.cfg.class_names
-        outs = self.iter_predict(images, inputs, net, names, progress, bool(classes))
-        if classes:
-            yield from iter_panoptic(outs, classes, masks, names)
-        else:
-            yield from iter_planar(outs, masks, names)
+        budget = None if classes or inputs.tile_norm_blocksize else host_memory_budget(net.host_memory)
+
+        def label(i: int) -> str:
+            return names[i] if names is not None and i < len(names) else f"image {i}"
+
+        def planned() -> Iterator[tuple[int, np.ndarray, BlockPlan | None]]:
+            for i, img in enumerate(images):
+                yield i, img, self.block_plan(img, inputs, budget, label(i))
+
+        for in_blocks, group in itertools.groupby(planned(), key=lambda t: t[2] is not None):
+            if in_blocks:
+                for i, img, plan in group:
+                    log.warning("cpsam: %s", plan.describe(label(i)))
+                    yield segment_in_blocks(self, img, inputs, net, masks, plan.block_size,
+                                            plan.halo, label(i) if names is not None else None)
+                continue
+            group_names: list[str] = []  # filled as the network pulls the images
+            whole = _tap_names(group, label, group_names)
+            outs = self.iter_predict(whole, inputs, net, group_names, progress, bool(classes))
+            scaled = scale_niter(masks, inputs.diameter)
+            result_names = group_names if names is not None else None
+            if classes:
+                yield from iter_panoptic(outs, classes, scaled, result_names)
+            else:
+                yield from iter_planar(outs, scaled, result_names)
+
+    def block_plan(
+        self, image: np.ndarray, inputs: InputOptions, budget: int | None, name: str = "image"
+    ) -> BlockPlan | None:
+        """How ``image`` would be segmented in blocks under a host-memory ``budget`` (bytes;
+        None: no limit), or None when it is segmented whole."""
+        if budget is None or not isinstance(image, np.ndarray) or image.ndim < 2:
+            return None
+        shape = to_channels_last(image, channel_axis=inputs.channel_axis, name=name).shape[:2]
+        return choose_blocks(shape, budget, inputs.diameter, self.net.cfg.tile)
 
     def segment(
         self,
@@ -166,6 +203,15 @@ class CellposeSAM(Predictor):
             return []
         results = list(self.iter_segment(images, *split_settings(s), progress=progress))
         return results[0] if single else results
+
+
+def _tap_names(
+    items: Iterable[tuple[int, np.ndarray, Any]], label: Callable[[int], str], sink: list[str]
+) -> Iterator[np.ndarray]:
+    """The images of ``(index, image, plan)`` items, appending each one's name to ``sink``."""
+    for i, img, _ in items:
+        sink.append(label(i))
+        yield img
 
 
 def segment_panoptic(model: Any, image: Any, **kwargs: Any) -> PanopticResult | list[PanopticResult]:

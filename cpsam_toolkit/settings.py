@@ -39,16 +39,16 @@ def parse_memory(text: str | int | float) -> int:
     Raises ``ValueError`` naming the text and the accepted forms.
     """
     if isinstance(text, bool):
-        raise ValueError(f"gpu_memory: expected a size such as '6GB', got {text!r}")
+        raise ValueError(f"expected a memory size such as '6GB', got {text!r}")
     if isinstance(text, (int, float)):
         if not math.isfinite(text) or text <= 0:
-            raise ValueError(f"gpu_memory must be a positive size such as '6GB', got {text!r}")
+            raise ValueError(f"a memory size must be positive, such as '6GB'; got {text!r}")
         return int(text)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
     unit = m.group(2).lower() if m else None
     if m is None or unit not in _UNITS or _UNITS[unit] is None or float(m.group(1)) <= 0:
         raise ValueError(
-            f"gpu_memory: cannot read {text!r}; give a positive size with a unit, e.g. '6GB', "
+            f"cannot read {text!r} as a memory size; give a positive size with a unit, e.g. '6GB', "
             "'512MB' or '8GiB'"
         )
     return int(float(m.group(1)) * _UNITS[unit])
@@ -66,7 +66,10 @@ class Settings:
     Network
         ``batch_size`` (tiles per network call), ``tile_overlap`` (fraction), ``augment``
         (test-time flips), ``gpu_memory`` (budget such as ``"6GB"``: the largest batch that
-        fits it is used on CUDA; None = ``batch_size``; ignored on the CPU).
+        fits it is used on CUDA; None = ``batch_size``; ignored on the CPU), ``host_memory``
+        (RAM budget such as ``"8GB"``: a 2D image whose whole-image segmentation would need more
+        is segmented in blocks, with the same network outputs; None = half the available RAM,
+        at most 4 GB; ``"unlimited"`` = always whole).
     Masks
         ``flow_threshold`` (flow-error QC, 0 = off), ``cellprob_threshold`` (logit),
         ``min_size`` (px, <= 0 keeps all), ``max_size_fraction`` (of the image),
@@ -90,6 +93,7 @@ class Settings:
     tile_overlap: float = 0.1
     augment: bool = False
     gpu_memory: str | None = None
+    host_memory: str | None = None
     # masks
     flow_threshold: float = 0.4
     cellprob_threshold: float = 0.0
@@ -188,6 +192,12 @@ class Settings:
                 parse_memory(self.gpu_memory)
             except ValueError as e:
                 raise bad("gpu_memory", f"{e}; or None to use batch_size") from None
+        if self.host_memory is not None and str(self.host_memory).strip().lower() != "unlimited":
+            try:
+                parse_memory(self.host_memory)
+            except ValueError as e:
+                raise bad("host_memory", f"{e}; "
+                          "'unlimited' to always segment whole, or None for automatic") from None
         if not is_num(self.flow_threshold) or not self.flow_threshold >= 0:
             raise bad("flow_threshold", "give a flow error >= 0 (0 turns the flow QC off)")
         if not is_num(self.cellprob_threshold) or not math.isfinite(self.cellprob_threshold):

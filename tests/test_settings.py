@@ -79,4 +79,4 @@ def test_parse_memory():
     assert Settings().gpu_memory_bytes is None
     with pytest.raises(ValueError, match="unit"):
         parse_memory("6 parsecs")
-    assert len(SETTING_NAMES) == 16
+    assert len(SETTING_NAMES) == 17

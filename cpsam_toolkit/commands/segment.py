@@ -87,6 +87,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="GPU memory budget, e.g. 6GB: the largest batch that fits it is measured "
                         "and used instead of --batch-size (CUDA only; out-of-memory errors always "
                         "halve the batch and go on)")
+    g.add_argument("--host-memory", default=None, metavar="SIZE",
+                   help="RAM budget, e.g. 8GB: an image whose whole-image segmentation would need "
+                        "more is segmented in blocks by itself (same network outputs; a line says "
+                        "so); default: half the available RAM, at most 4GB; 'unlimited': always "
+                        "whole")
 
     g = p.add_argument_group("input")
     g.add_argument("--channel-axis", type=int, default=None, help="axis of the channels (default: guessed)")
@@ -179,6 +184,7 @@ _SETTING_ARGS = {
     "channel_axis": "channel_axis", "channels": "channels", "diameter": "diameter",
     "invert": "invert", "norm_percentile": "percentiles", "batch_size": "batch_size",
     "augment": "augment", "tile_overlap": "tile_overlap", "gpu_memory": "gpu_memory",
+    "host_memory": "host_memory",
     "flow_threshold": "flow_threshold",
     "cellprob_threshold": "cellprob_threshold", "min_size": "min_size",
     "max_size_fraction": "max_size_fraction", "niter": "niter",

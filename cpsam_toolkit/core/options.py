@@ -36,6 +36,7 @@ class NetOptions:
     tile_overlap: float = 0.1
     augment: bool = False
     gpu_memory: str | None = None  # budget, e.g. "6GB": the largest batch that fits (CUDA only)
+    host_memory: str | None = None  # RAM budget, e.g. "8GB": larger 2D images go in blocks
 
 
 @dataclass(frozen=True)
