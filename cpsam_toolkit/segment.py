@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,11 @@ class CellposeSAM(Predictor):
         None: no limit), or None when it is segmented whole."""
         if budget is None or not isinstance(image, np.ndarray) or image.ndim < 2:
             return None
-        shape = to_channels_last(image, channel_axis=inputs.channel_axis, name=name).shape[:2]
+        with warnings.catch_warnings():  # only the shape is needed; preparing the image warns
+            warnings.simplefilter("ignore")
+            shape = to_channels_last(
+                image, channel_axis=inputs.channel_axis, channels=inputs.channels, name=name
+            ).shape[:2]
         return choose_blocks(shape, budget, inputs.diameter, self.net.cfg.tile)
 
     def segment(
