@@ -47,6 +47,8 @@ Measurements made by this module
 -  *CellposeSAM_Settings_<objects>:* how to repeat the run: the model, the
    full SHA-256 of its weights, the settings and the equivalent
    ``cpsam segment`` command (one JSON text).
+-  *CellposeSAM_BlockSize_<objects>:* 0 when the image was segmented whole,
+   else the side (pixels) of the blocks it was segmented in ('RAM per worker').
 
 **Object measurements:**
 
@@ -107,7 +109,7 @@ from cellprofiler_core.preferences import (
 from cellprofiler_core.setting import Binary, ValidationError
 from cellprofiler_core.setting.choice import Choice
 from cellprofiler_core.setting.subscriber import ImageSubscriber
-from cellprofiler_core.setting.text import Directory, Filename, Float, ImageName, Integer
+from cellprofiler_core.setting.text import Directory, Filename, Float, ImageName, Integer, Text
 
 __all__ = ["RunCellposeSAM", "clear_model_cache", "CellposeSAMError"]
 
@@ -134,6 +136,7 @@ C_CELLPOSESAM = "CellposeSAM"
 FTR_MODEL = "Model"
 FTR_MODEL_VERSION = "ModelVersion"
 FTR_SETTINGS = "Settings"  # JSON: model, SHA-256, settings, the `cpsam segment` command
+FTR_BLOCK_SIZE = "BlockSize"  # px side of the blocks a large 2D image was segmented in; 0: whole
 FTR_MEAN_CELLPROB = "MeanCellProb"
 FTR_FLOW_ERROR = "FlowError"
 M_MEAN_CELLPROB = f"{C_CELLPOSESAM}_{FTR_MEAN_CELLPROB}"
@@ -208,7 +211,7 @@ def shipped_model_name() -> str:
 class RunCellposeSAM(ImageSegmentation):
     category = "Object Processing"
     module_name = "RunCellposeSAM"
-    variable_revision_number = 4
+    variable_revision_number = 5
 
     # ------------------------------------------------------------------ settings
     def create_settings(self):
@@ -288,6 +291,19 @@ class RunCellposeSAM(ImageSegmentation):
                 "GPU but needs more GPU memory; if the GPU runs out of memory the module "
                 "retries with smaller batches automatically (and logs a warning).",
         )
+        per_worker = ("Each CellProfiler worker process holds its own model and memory, so give "
+                      "the machine's memory divided by the number of workers.")
+        self.gpu_memory = Text(
+            "GPU memory per worker", "",
+            doc="Empty: the batch size above is used. A size such as 6GB: the largest batch of "
+                "tiles that fits in it is used (measured on the GPU; ignored on the CPU). "
+                + per_worker)
+        self.host_memory = Text(
+            "RAM per worker", "",
+            doc="Above this much RAM a 2D image is segmented in blocks (nearly the same objects; "
+                f"the image measurement {C_CELLPOSESAM}_{FTR_BLOCK_SIZE}_<objects> gives the block "
+                "size, 0 when whole). Empty: automatic (half the free RAM, at most 4 GB); a size "
+                "such as 8GB; 'unlimited': always whole. " + per_worker)
         self.flow_threshold = Float(
             "Flow threshold", 0.4,
             doc="Maximum allowed disagreement between an object's shape and the predicted flows "
@@ -392,6 +408,8 @@ class RunCellposeSAM(ImageSegmentation):
             self.split_by_class,
             self.diameter,
             self.use_model_settings,
+            self.gpu_memory,
+            self.host_memory,
         ]
 
     def visible_settings(self):
@@ -403,7 +421,8 @@ class RunCellposeSAM(ImageSegmentation):
         result += [self.model_choice]
         if self.model_choice == MODEL_CUSTOM:
             result += [self.model_directory, self.model_file_name]
-        result += [self.device, self.batch_size, self.use_model_settings, self.flow_threshold,
+        result += [self.device, self.batch_size, self.gpu_memory, self.host_memory,
+                   self.use_model_settings, self.flow_threshold,
                    self.cellprob_threshold,
                    self.diameter, self.min_size, self.remove_border, self.do_3d]
         if self.do_3d:
@@ -427,6 +446,10 @@ class RunCellposeSAM(ImageSegmentation):
             # revision 3 had no "Use the model's recommended settings?": its values were used
             setting_values = list(setting_values) + ["No"]
             variable_revision_number = 4
+        if variable_revision_number == 4:
+            # revision 4 had no memory budgets: both automatic
+            setting_values = list(setting_values) + ["", ""]
+            variable_revision_number = 5
         if variable_revision_number != self.variable_revision_number:
             raise ValueError(
                 f"RunCellposeSAM settings revision {variable_revision_number} is newer than this "
@@ -487,6 +510,12 @@ class RunCellposeSAM(ImageSegmentation):
             problems.append((
                 "The Z spacing relative to XY must be greater than 0 (1 means cubic voxels).",
                 self.anisotropy))
+        for setting, also in ((self.gpu_memory, ""), (self.host_memory, ", 'unlimited'")):
+            text = setting.value.strip()
+            if text and not (also and text.lower() == "unlimited") and not _is_memory_size(text):
+                problems.append((
+                    f"'{setting.text}' must be empty (automatic){also} or a size such as '6GB'; "
+                    f"it is '{text}'.", setting))
         return problems
 
     def validate_module(self, pipeline):
@@ -589,6 +618,8 @@ class RunCellposeSAM(ImageSegmentation):
         columns += [(IMAGE, name, COLTYPE_MODEL_STRING) for name in self._image_features()]
         columns.append((IMAGE, f"{C_CELLPOSESAM}_{FTR_SETTINGS}_{self.y_name.value}",
                         COLTYPE_VARCHAR_FORMAT % 4000))
+        columns.append((IMAGE, f"{C_CELLPOSESAM}_{FTR_BLOCK_SIZE}_{self.y_name.value}",
+                        COLTYPE_INTEGER))
         obj = self.y_name.value
         if self.wants_confidence:
             columns += [(obj, M_MEAN_CELLPROB, COLTYPE_FLOAT), (obj, M_FLOW_ERROR, COLTYPE_FLOAT)]
@@ -622,7 +653,7 @@ class RunCellposeSAM(ImageSegmentation):
             return list(super().get_measurements(pipeline, object_name, category)) + class_objects
         if category == C_CELLPOSESAM:
             if object_name == IMAGE:
-                return [FTR_MODEL, FTR_MODEL_VERSION, FTR_SETTINGS]
+                return [FTR_MODEL, FTR_MODEL_VERSION, FTR_SETTINGS, FTR_BLOCK_SIZE]
             if object_name == self.y_name.value:
                 conf = [FTR_MEAN_CELLPROB, FTR_FLOW_ERROR] if self.wants_confidence else []
                 return conf + self._class_features()
@@ -631,7 +662,7 @@ class RunCellposeSAM(ImageSegmentation):
 
     def get_measurement_images(self, pipeline, object_name, category, measurement):
         if object_name == IMAGE and category == C_CELLPOSESAM and \
-                measurement in (FTR_MODEL, FTR_MODEL_VERSION, FTR_SETTINGS):
+                measurement in (FTR_MODEL, FTR_MODEL_VERSION, FTR_SETTINGS, FTR_BLOCK_SIZE):
             return [self.y_name.value]
         return []
 
@@ -694,7 +725,21 @@ class RunCellposeSAM(ImageSegmentation):
             values = {k: v for k, v in values.items() if base.sources[k] != "model"}
         # min_size 0: sizes are filtered here, so the unfiltered objects are kept too
         return base.replace(channel_axis=channel_axis, batch_size=int(self.batch_size.value),
-                            min_size=0, **values)
+                            min_size=0, gpu_memory=self.gpu_memory.value.strip() or None,
+                            host_memory=self.host_memory.value.strip() or None, **values)
+
+    def _block_plan(self, model, data, settings):
+        """(the library's BlockPlan for this 2D image or None when it is segmented whole,
+        ``settings`` with that budget resolved so the library decides the same)."""
+        from cpsam_toolkit.modes.blocks import host_memory_budget
+        from cpsam_toolkit.segment import split_settings
+
+        budget = host_memory_budget(settings.host_memory)  # automatic: from the free RAM now
+        settings = settings.replace(host_memory=f"{budget}B" if budget else "unlimited")
+        inputs = split_settings(settings)[0]
+        if budget is None or model.net.cfg.class_names or inputs.tile_norm_blocksize:
+            return None, settings  # as CellposeSAM.iter_segment: these are always whole
+        return model.block_plan(data, inputs, budget, self.x_name.value), settings
 
     def _segment(self, model, data, channel_axis, volumetric, settings):
         """The library's result (2D, 3D or plane by plane), before size and border filtering."""
@@ -748,8 +793,10 @@ class RunCellposeSAM(ImageSegmentation):
         from cpsam_toolkit.core.postprocess import sigmoid, touching_border
 
         settings = self.library_settings(model, channel_axis)
+        plan, run_settings = (None, settings) if volumetric else \
+            self._block_plan(model, data, settings)
         t0 = time.perf_counter()
-        result = self._segment(model, data, channel_axis, volumetric, settings)
+        result = self._segment(model, data, channel_axis, volumetric, run_settings)
         elapsed = time.perf_counter() - t0
 
         unedited = np.asarray(result.masks).astype(np.int32, copy=False)
@@ -789,6 +836,8 @@ class RunCellposeSAM(ImageSegmentation):
         m.add_image_measurement(f_version, model_version)
         m.add_image_measurement(f"{C_CELLPOSESAM}_{FTR_SETTINGS}_{obj}",
                                 self._settings_record(model, volumetric, settings))
+        m.add_image_measurement(f"{C_CELLPOSESAM}_{FTR_BLOCK_SIZE}_{obj}",
+                                plan.block_size if plan else 0)
 
         n_kept = len(kept_table["label"])
         if self.wants_confidence:
@@ -827,6 +876,7 @@ class RunCellposeSAM(ImageSegmentation):
                   for line in settings.describe().splitlines() if line.endswith("(model)")],
                 ["Device", str(getattr(model, "device", self.device.value))],
                 ["Segmentation time", f"{elapsed:.2f} s"],
+                ["Segmented in blocks", f"{plan.block_size} px" if plan else "no"],
                 *class_counts,
             ]
 
@@ -873,6 +923,8 @@ class RunCellposeSAM(ImageSegmentation):
             diameter=used.diameter,
             do_3d=bool(volumetric and self.do_3d),
             anisotropy=float(self.anisotropy.value) if volumetric and self.do_3d else None,
+            gpu_memory=used.gpu_memory,
+            host_memory=used.host_memory,
         )
         if used.augment:
             settings["augment"] = True
@@ -911,6 +963,19 @@ class RunCellposeSAM(ImageSegmentation):
                                             sharexy=ax)
         figure.subplot_table(1, 1, [[v] for _, v in d.statistics],
                              row_labels=[k for k, _ in d.statistics])
+
+
+def _is_memory_size(text: str) -> bool:
+    """Whether cpsam-toolkit reads ``text`` as a memory size ('6GB'); True without the toolkit
+    (validation reports that it is missing)."""
+    try:
+        from cpsam_toolkit.settings import parse_memory
+    except ImportError:
+        return True
+    try:
+        return parse_memory(text) > 0
+    except ValueError:
+        return False
 
 
 def _gpu_available() -> bool:

@@ -163,6 +163,7 @@ def test_headless_run_exports_one_row_per_image(unsplit_run, work):
     for r in images:
         assert r["CellposeSAM_Model_Nuclei"]
         assert "sha256" in r["CellposeSAM_ModelVersion_Nuclei"]
+        assert r["CellposeSAM_BlockSize_Nuclei"] == "0"  # 256 x 256: segmented whole
     # object rows match the counts, numbered 1..N per image
     per_image: dict[str, list[dict]] = {}
     for r in objects:
@@ -292,6 +293,31 @@ def test_panoptic_model_split_by_class_exports_class_objects(cli, work, tmp_path
     for o in class_b:
         parent = by_key[(o["ImageNumber"], o["Parent_Nuclei"])]
         assert float(o["Location_Center_X"]) == pytest.approx(float(parent["Location_Center_X"]))
+
+
+def test_ram_per_worker_segments_large_images_in_blocks(cli, work, data_dir, tmp_path):
+    """'RAM per worker' saved in the pipeline file reaches the library in a real headless run:
+    a 768 x 768 mosaic of real DSB2018 images is segmented in 512-px blocks (the grid model's
+    exact objects all the same), a 256 x 256 image whole; the repeat command carries the budget."""
+    import json
+
+    import tifffile
+    from test_blockwise import mosaic
+
+    images = tmp_path / "images"
+    images.mkdir()
+    tifffile.imwrite(images / "mosaic.tif", mosaic(data_dir, 768)[0].astype(np.uint8))
+    shutil.copy(work / "images" / f"{DSB_STEMS[0]}.tif", images / "small.tif")
+    pipeline = build_pipeline(tmp_path / "ram.cppipe", work / "grid.pt", host_memory="1MB")
+    out = tmp_path / "out"
+    headless(cli, pipeline, out, work, "-i", images)
+    rows = {r["FileName_DNA"]: r for r in read_csv(out / f"{PREFIX}Image.csv")}
+    assert rows["mosaic.tif"]["CellposeSAM_BlockSize_Nuclei"] == "512"
+    assert rows["small.tif"]["CellposeSAM_BlockSize_Nuclei"] == "0"
+    for name, shape in (("mosaic.tif", (768, 768)), ("small.tif", (256, 256))):
+        assert float(rows[name]["Count_Nuclei"]) == _testing.expected_grid(shape, remove_border=True)[0]
+    record = json.loads(rows["mosaic.tif"]["CellposeSAM_Settings_Nuclei"])
+    assert "--host-memory 1MB" in record["cli"]
 
 
 def test_cli_help_lists_plugin_flag(cli):

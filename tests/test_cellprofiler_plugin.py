@@ -504,6 +504,17 @@ def test_validate_module_messages(tmp_path, model_files):
     three_d = configure(new_module(), "grid", model_files, do_3d=True)
     assert "Process as 3D" in _validation_message(three_d)
 
+    for name, setting in (("gpu_memory", "GPU memory per worker"), ("host_memory", "RAM per worker")):
+        msg = _validation_message(configure(new_module(), "grid", model_files, **{name: "lots"}))
+        assert setting in msg and "'6GB'" in msg and "'lots'" in msg
+        assert ("unlimited" in msg) == (name == "host_memory")
+        for good in ("6GB", " 512 MiB ", ""):
+            configure(new_module(), "grid", model_files, **{name: good}).validate_module(Pipeline())
+    configure(new_module(), "grid", model_files, host_memory="Unlimited").validate_module(Pipeline())
+    with pytest.raises(rcs.CellposeSAMError, match="RAM per worker"):  # a run checks it too
+        run_module(configure(new_module(), "grid", model_files, host_memory="lots"),
+                   {"DNA": np.zeros((SIZE, SIZE), np.float32)})
+
 
 def test_validate_gpu_without_gpu(model_files):
     import torch
@@ -536,7 +547,7 @@ def _non_default_module(tmp_path):
         "flow_threshold": 0.7, "cellprob_threshold": -1.5, "min_size": 40,
         "remove_border": False, "do_3d": True, "anisotropy": 2.5, "save_probabilities": True,
         "probabilities_name": "NucProb", "wants_confidence": False, "split_by_class": True,
-        "diameter": 17.5,
+        "diameter": 17.5, "gpu_memory": "6GB", "host_memory": "unlimited",
     }
     for name, value in values.items():
         getattr(module, name).value = value
@@ -568,7 +579,7 @@ def test_settings_round_trip(tmp_path):
     pipeline = Pipeline()
     pipeline.add_module(module)
     text = _dump(pipeline)
-    assert "RunCellposeSAM:[" in text and "variable_revision_number:4" in text
+    assert "RunCellposeSAM:[" in text and "variable_revision_number:5" in text
     loaded = _load(text).modules()[0]
     assert isinstance(loaded, rcs.RunCellposeSAM)
     assert [s.value_text for s in loaded.settings()] == [s.value_text for s in module.settings()]
@@ -576,29 +587,34 @@ def test_settings_round_trip(tmp_path):
 
 
 # settings each old revision lacks (added at the end, with the value an upgrade gives them)
+_MEMORY = ["GPU memory per worker", "RAM per worker"]  # revision 5
 _ADDED_AFTER = {1: ["Measure per-object confidence?", "Save one object set per class?",
-                    "Typical object diameter", "Use the model's recommended settings?"],
+                    "Typical object diameter", "Use the model's recommended settings?", *_MEMORY],
                 2: ["Save one object set per class?", "Typical object diameter",
-                    "Use the model's recommended settings?"],
-                3: ["Use the model's recommended settings?"]}
+                    "Use the model's recommended settings?", *_MEMORY],
+                3: ["Use the model's recommended settings?", *_MEMORY],
+                4: _MEMORY}
 
 
-@pytest.mark.parametrize("revision", [1, 2, 3])
+@pytest.mark.parametrize("revision", [1, 2, 3, 4])
 def test_upgrade_from_older_revisions(tmp_path, revision):
     module = _non_default_module(tmp_path)
     module.wants_confidence.value = True  # what revision 1 always did
     module.split_by_class.value = False  # what revisions 1 and 2 did
     module.diameter.value = 0.0  # no resizing, as revisions 1 and 2 did
     module.use_model_settings.value = False  # revisions 1 to 3 used the module's own values
+    module.gpu_memory.value = module.host_memory.value = ""  # revisions 1 to 4: automatic
     pipeline = Pipeline()
     pipeline.add_module(module)
     text = _dump(pipeline)
-    old = text.replace("variable_revision_number:4", f"variable_revision_number:{revision}")
+    old = text.replace("variable_revision_number:5", f"variable_revision_number:{revision}")
     lines = [ln for ln in old.splitlines() if not any(t in ln for t in _ADDED_AFTER[revision])]
     assert len(lines) == len(old.splitlines()) - len(_ADDED_AFTER[revision])
     loaded = _load("\n".join(lines) + "\n").modules()[0]
     assert loaded.wants_confidence.value is True and loaded.split_by_class.value is False
     assert loaded.diameter.value == 0.0
+    assert loaded.gpu_memory.value == loaded.host_memory.value == ""
+    assert loaded.library_settings(None, None).host_memory is None  # automatic: library default
     assert [s.value_text for s in loaded.settings()] == [s.value_text for s in module.settings()]
 
     with pytest.raises(ValueError, match="newer than this plugin"):
@@ -618,6 +634,32 @@ def test_create_batch_maps_model_folder(tmp_path):
     module = _non_default_module(tmp_path)
     module.prepare_to_create_batch(None, lambda p, **kw: p.replace(str(tmp_path), "/cluster/models"))
     assert module.model_spec() == "/cluster/models/my model.pt"
+
+
+# ------------------------------------------------------------------------ memory budgets
+def test_ram_per_worker_segments_in_blocks(data_dir):
+    """'RAM per worker' below what the whole image needs: the library segments the real image
+    (a 768 x 768 mosaic of DSB2018 nuclei) in blocks, the image measurement says so, and the
+    objects are nearly those of the whole image."""
+    import json
+
+    from test_blockwise import mosaic
+
+    img, _ = mosaic(data_dir, 768)
+    img /= img.max()
+    counts, settings = {}, {}
+    for ram in ("unlimited", "1MB"):  # the model's thresholds, without its augmentation (fast)
+        module = configure(new_module(), "default", {}, use_model_settings=False, host_memory=ram,
+                           flow_threshold=0.8, cellprob_threshold=-0.5)
+        m = run_module(module, {"DNA": img}).measurements
+        counts[ram] = m.get_current_image_measurement("Count_Nuclei")
+        settings[ram] = json.loads(m.get_current_image_measurement("CellposeSAM_Settings_Nuclei"))
+        block = m.get_current_image_measurement("CellposeSAM_BlockSize_Nuclei")
+        assert block == (0 if ram == "unlimited" else 512), ram
+    assert counts["unlimited"] > 100
+    assert abs(counts["1MB"] - counts["unlimited"]) <= 0.03 * counts["unlimited"], counts
+    assert settings["1MB"]["settings"]["host_memory"] == "1MB"  # the repeat command has it
+    assert "--host-memory 1MB" in settings["1MB"]["cli"]
 
 
 # ------------------------------------------------------------------------ display (GUI)
@@ -644,6 +686,7 @@ def test_display_data_and_display(model_files):
     d = ws.display_data
     assert d.y_data.shape == (SIZE, SIZE) and d.dimensions == 2
     assert dict(d.statistics)["Objects found"] == str(int(d.y_data.max()))
+    assert dict(d.statistics)["Segmented in blocks"] == "no"  # a small image fits any budget
     fig = _Figure()
     module.display(ws, fig)
     assert "subplot_imshow_labels" in fig.calls and "subplot_table" in fig.calls
@@ -686,3 +729,7 @@ def test_model_recommended_settings_are_used_unless_switched_off():
     s = module.library_settings(model, -1)
     assert s.flow_threshold == module.flow_threshold.value and s.sources["flow_threshold"] != "model"
     assert s.channel_axis == -1
+    assert (s.gpu_memory, s.host_memory) == (None, None)  # empty: the library's automatic budgets
+    module.gpu_memory.value, module.host_memory.value = " 6GB", "unlimited"
+    s = module.library_settings(model, None)
+    assert (s.gpu_memory, s.host_memory, s.gpu_memory_bytes) == ("6GB", "unlimited", 6_000_000_000)
