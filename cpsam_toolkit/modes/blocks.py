@@ -46,8 +46,8 @@ from ..settings import parse_memory
 log = logging.getLogger("cpsam_toolkit")
 
 __all__ = [
-    "BYTES_PER_PIXEL", "Block", "BlockPlan", "aligned_outputs", "available_memory", "choose_blocks",
-    "compose_core", "duplicate_pairs", "estimate_whole_image_bytes", "host_memory_budget",
+    "BYTES_PER_PIXEL", "Block", "BlockPlan", "TileCache", "aligned_outputs", "available_memory",
+    "block_tiles", "choose_blocks", "compose_core", "duplicate_pairs", "estimate_whole_image_bytes", "host_memory_budget",
     "keep_core_objects", "plan_blocks", "segment_in_blocks",
 ]
 
@@ -190,8 +190,54 @@ def choose_blocks(
 
 
 # --------------------------------------------------------------------------------------------
-# network outputs of blocks: the whole image's tiles
+# network outputs of blocks: the whole image's tiles, each run once
 # --------------------------------------------------------------------------------------------
+class TileCache:
+    """Network outputs of whole-grid tiles kept for the blocks that still need them.
+
+    ``tiles`` maps a tile's index in the whole image's grid to its ``(nout, tile, tile)``
+    output (flips undone); :func:`aligned_outputs` drops an entry as soon as the last block
+    needing it has taken it. ``peak_tiles`` and ``peak_bytes`` record the largest it grew.
+    """
+
+    def __init__(self) -> None:
+        self.tiles: dict[int, np.ndarray] = {}
+        self.nbytes = 0
+        self.peak_tiles = 0
+        self.peak_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __contains__(self, k: int) -> bool:
+        return k in self.tiles
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return self.tiles[k]
+
+    def put(self, k: int, y: np.ndarray) -> None:
+        self.tiles[k] = y
+        self.nbytes += y.nbytes
+        self.peak_tiles = max(self.peak_tiles, len(self.tiles))
+        self.peak_bytes = max(self.peak_bytes, self.nbytes)
+
+    def drop(self, k: int) -> None:
+        self.nbytes -= self.tiles.pop(k).nbytes
+
+
+def block_tiles(plan: tiling.TilePlan, crop: Box) -> list[tuple[int, int, int]]:
+    """``(k, y0, x0)`` of the tiles of the whole image's grid ``plan`` that overlap ``crop``
+    (image coordinates, so ``y0``/``x0`` may be negative: the padding), in raster order."""
+    cy0, cy1, cx0, cx1 = crop
+    tile = plan.tile
+    iys = np.asarray(plan.ystarts) - plan.pads[0]
+    ixs = np.asarray(plan.xstarts) - plan.pads[2]
+    rows = np.flatnonzero((iys < cy1) & (iys + tile > cy0))
+    cols = np.flatnonzero((ixs < cx1) & (ixs + tile > cx0))
+    nx = len(ixs)
+    return [(int(j) * nx + int(i), int(iys[j]), int(ixs[i])) for j in rows for i in cols]
+
+
 def aligned_outputs(
     predict_tiles: Callable[[np.ndarray], np.ndarray],
     shape: tuple[int, int],
@@ -199,51 +245,59 @@ def aligned_outputs(
     blocks: Sequence[Block],
     net: NetOptions,
     tile: int = tiling.TILE,
+    cache: TileCache | None = None,
 ) -> Iterator[tuple[Block, np.ndarray]]:
     """Network outputs ``(nout, Y, X)`` over each block's crop, in block order.
 
     Computed from the tiles of the *whole image's* tile grid that cover the crop and blended
-    as whole-image segmentation blends them: the same tiles, the same inputs, the same sums,
-    so the outputs are the whole image's outputs (bit-identical on the CPU). ``read(box)``
-    returns the normalised ``(C, Y, X)`` float32 network input of an image region; tiles of
-    consecutive blocks share network batches of ``net.batch_size``.
+    as whole-image segmentation blends them: the same tiles, the same inputs, the same sums in
+    the same order per pixel, so the outputs are the whole image's outputs (bit-identical on
+    the CPU). ``read(box)`` returns the normalised ``(C, Y, X)`` float32 network input of an
+    image region; it is called once per block, for the region under the tiles no earlier
+    block needed. Tiles of consecutive blocks share network batches of ``net.batch_size``.
+
+    Each tile of the grid runs through the network exactly once (``len(TilePlan)`` tiles in
+    all, as the whole image): the output of a tile that later blocks (in ``blocks`` order) also
+    need is kept in ``cache`` (a :class:`TileCache`, made here when not given) and dropped as
+    soon as the last of them has taken it. With blocks in raster order the cache holds about
+    one band of tiles across the image width (the tile rows that cross a boundary between
+    block rows: ``(2 * halo + tile) / stride + 1`` rows at most, stride about ``tile / 1.2``,
+    ``tile / 2`` with ``augment``) plus the tile columns crossing one boundary between blocks
+    and the blocks in flight; each tile is ``nout * tile² * 4`` bytes (0.8 MB for 3 outputs of
+    256²): about 40-120 MB for a 10240-px-wide image with a 64-px halo.
     """
     ly, lx = shape
     plan = tiling.TilePlan.for_shape((ly, lx), tile, net.tile_overlap, net.augment)
-    py, px = plan.pads[0], plan.pads[2]
-    nx = len(plan.xstarts)
     taper = tiling.taper_mask(tile)
     batch = max(1, net.batch_size)
-
-    def tiles_of(block: Block) -> list[tuple[int, int, int]]:
-        cy0, cy1, cx0, cx1 = block.crop
-        out = []
-        for j, ys in enumerate(plan.ystarts):
-            iy = int(ys) - py
-            if iy >= cy1 or iy + tile <= cy0:
-                continue
-            for i, xs in enumerate(plan.xstarts):
-                ix = int(xs) - px
-                if ix < cx1 and ix + tile > cx0:
-                    out.append((j * nx + i, iy, ix))
-        return out
+    cache = TileCache() if cache is None else cache
+    # how many blocks need each tile: a tile leaves the cache when its last user took it
+    users: dict[int, int] = {}
+    for b in blocks:
+        for k, _, _ in block_tiles(plan, b.crop):
+            users[k] = users.get(k, 0) + 1
+    scheduled: set[int] = set()  # tiles queued for (or through) the network
 
     pending: list[dict[str, Any]] = []  # blocks in flight, in order
-    queue: list[tuple[dict[str, Any], int, int, int]] = []
+    queue: list[tuple[dict[str, Any], int, int, int]] = []  # (input, k, y0, x0) to run
 
     def start(block: Block) -> None:
-        tiles = tiles_of(block)
-        # one read per block: the image region under all its tiles (clipped to the image)
-        span = (max(0, min(t[1] for t in tiles)), min(ly, max(t[1] for t in tiles) + tile),
-                max(0, min(t[2] for t in tiles)), min(lx, max(t[2] for t in tiles) + tile))
+        tiles = block_tiles(plan, block.crop)
+        new = [t for t in tiles if t[0] not in scheduled]
         cy0, cy1, cx0, cx1 = block.crop
-        st = {"block": block, "x": read(span), "span": span, "n": len(tiles), "done": 0,
-              "sum": None, "weight": np.zeros((cy1 - cy0, cx1 - cx0), np.float64)}
-        pending.append(st)
-        queue.extend((st, k, iy, ix) for k, iy, ix in tiles)
+        pending.append({"block": block, "tiles": tiles, "next": 0, "sum": None,
+                        "weight": np.zeros((cy1 - cy0, cx1 - cx0), np.float64)})
+        if not new:
+            return
+        # one read per block: the image region under its new tiles (clipped to the image)
+        span = (max(0, min(t[1] for t in new)), min(ly, max(t[1] for t in new) + tile),
+                max(0, min(t[2] for t in new)), min(lx, max(t[2] for t in new) + tile))
+        src = {"x": read(span), "span": span}
+        scheduled.update(t[0] for t in new)
+        queue.extend((src, k, iy, ix) for k, iy, ix in new)
 
-    def cut(st: dict[str, Any], iy: int, ix: int) -> np.ndarray:
-        x, (sy0, sy1, sx0, sx1) = st["x"], st["span"]
+    def cut(src: dict[str, Any], iy: int, ix: int) -> np.ndarray:
+        x, (sy0, sy1, sx0, sx1) = src["x"], src["span"]
         t = np.zeros((x.shape[0], tile, tile), np.float32)  # zero padding, as pad_image
         y0, y1, x0, x1 = max(iy, sy0), min(iy + tile, sy1), max(ix, sx0), min(ix + tile, sx1)
         t[:, y0 - iy : y1 - iy, x0 - ix : x1 - ix] = x[:, y0 - sy0 : y1 - sy0, x0 - sx0 : x1 - sx0]
@@ -253,18 +307,26 @@ def aligned_outputs(
         items = queue[:batch]
         del queue[:batch]
         tiles = []
-        for st, k, iy, ix in items:
-            t = cut(st, iy, ix)
+        for src, k, iy, ix in items:
+            t = cut(src, iy, ix)
             axes = plan.flips(k)
             tiles.append(np.flip(t, axes) if axes else t)
         y = np.asarray(predict_tiles(np.stack(tiles)), dtype=np.float32)
-        for (st, k, iy, ix), yk in zip(items, y, strict=True):
+        for (_, k, _, _), yk in zip(items, y, strict=True):
             axes = plan.flips(k)
             if axes:  # undo the flip; a flip along Y negates dY, along X negates dX
                 yk = np.flip(yk, axes).copy()
                 for ax in axes:
                     yk[-3 if ax == -2 else -2] *= -1
-            cy0, cy1, cx0, cx1 = st["block"].crop
+            cache.put(k, yk if users[k] == 1 else np.array(yk))  # no view of a kept batch
+
+    def accumulate(st: dict[str, Any]) -> None:
+        """Add the block's tiles that are ready, in raster order (the whole image's order)."""
+        cy0, cy1, cx0, cx1 = st["block"].crop
+        tiles = st["tiles"]
+        while st["next"] < len(tiles) and tiles[st["next"]][0] in cache:
+            k, iy, ix = tiles[st["next"]]
+            yk = cache[k]
             y0, y1, x0, x1 = max(iy, cy0), min(iy + tile, cy1), max(ix, cx0), min(ix + tile, cx1)
             if st["sum"] is None:
                 st["sum"] = np.zeros((yk.shape[0], cy1 - cy0, cx1 - cx0), np.float32)
@@ -272,7 +334,10 @@ def aligned_outputs(
             csl = (slice(y0 - cy0, y1 - cy0), slice(x0 - cx0, x1 - cx0))
             st["sum"][(slice(None), *csl)] += yk[(slice(None), *tsl)] * taper[tsl]
             st["weight"][csl] += taper[tsl]
-            st["done"] += 1
+            st["next"] += 1
+            users[k] -= 1
+            if users[k] == 0:
+                cache.drop(k)
 
     it = iter(blocks)
     exhausted = False
@@ -285,7 +350,9 @@ def aligned_outputs(
                 start(b)
         if queue:
             flush()
-        while pending and pending[0]["done"] == pending[0]["n"]:
+        for st in pending:
+            accumulate(st)
+        while pending and pending[0]["next"] == len(pending[0]["tiles"]):
             st = pending.pop(0)
             yield st["block"], np.ascontiguousarray(st["sum"] / st["weight"], dtype=np.float32)
         if exhausted and not queue and not pending:
