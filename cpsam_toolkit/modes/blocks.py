@@ -47,8 +47,8 @@ log = logging.getLogger("cpsam_toolkit")
 
 __all__ = [
     "BYTES_PER_PIXEL", "Block", "BlockPlan", "TileCache", "aligned_outputs", "available_memory",
-    "block_tiles", "choose_blocks", "compose_core", "duplicate_pairs", "estimate_whole_image_bytes", "host_memory_budget",
-    "keep_core_objects", "plan_blocks", "segment_in_blocks",
+    "block_tiles", "choose_blocks", "compose_core", "duplicate_pairs", "estimate_whole_image_bytes",
+    "host_memory_budget", "keep_core_objects", "plan_blocks", "segment_in_blocks",
 ]
 
 #: measured peak host memory of whole-image segmentation per pixel at network scale (bytes),
@@ -368,12 +368,14 @@ def keep_core_objects(masks: np.ndarray, block: Block) -> tuple[np.ndarray, int]
     n = int(masks.max()) if masks.size else 0
     if n == 0:
         return np.zeros(masks.shape, np.uint32), 0
-    lab = masks.ravel().astype(np.int64)
+    # centroids from the object pixels only (the same sums, in the same raster order)
+    fg = np.flatnonzero(masks)
+    lab = masks.ravel()[fg].astype(np.intp)
+    yy, xx = np.divmod(fg, masks.shape[1])
     area = np.bincount(lab, minlength=n + 1).astype(np.float64)
-    yy, xx = np.indices(masks.shape)
     safe = np.maximum(area, 1)
-    cy = np.bincount(lab, yy.ravel(), n + 1) / safe
-    cx = np.bincount(lab, xx.ravel(), n + 1) / safe
+    cy = np.bincount(lab, yy.astype(np.float64), n + 1) / safe
+    cx = np.bincount(lab, xx.astype(np.float64), n + 1) / safe
     y0, y1, x0, x1 = block.core
     oy, ox = block.crop[0], block.crop[2]
     gy, gx = np.floor(cy) + oy, np.floor(cx) + ox
@@ -426,6 +428,7 @@ def compose_core(
     group: Sequence[Block],
     crops: dict[tuple[int, int], np.ndarray],
     offsets: dict[tuple[int, int], int],
+    areas: dict[tuple[int, int], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """The ``block``'s core of the label image (uint32, global ids) and the same-cell pairs
     merged there.
@@ -435,10 +438,15 @@ def compose_core(
     painted with the neighbours' objects that reach into it, then with its own (which win
     where they overlap). Objects of two overlapping crops with IoU > 0.5 are one cell found by
     both blocks: both get the smaller id. Every core that sees such a pair sees the same two
-    crops and applies the same rule, so they all merge it the same way.
+    crops and applies the same rule, so they all merge it the same way. ``areas`` (optional)
+    keeps each crop's label bincount across calls, so each is counted once, not once per core
+    that sees it.
     """
     group = [block, *sorted(group, key=lambda b: b.index)]
-    areas = {b.index: np.bincount(crops[b.index].ravel()) for b in group}
+    areas = {} if areas is None else areas
+    for b in group:
+        if b.index not in areas:
+            areas[b.index] = np.bincount(crops[b.index].ravel())
     parent: dict[int, int] = {}
 
     def find(i: int) -> int:
@@ -547,8 +555,9 @@ def segment_in_blocks(
         raise OverflowError(f"{label}: {total} objects do not fit uint32 labels")
     labels = np.zeros((ly, lx), np.uint32)
     by_index = {b.index: b for b in blocks}
+    areas: dict[tuple[int, int], np.ndarray] = {}
     for b in blocks:
-        canvas, _ = compose_core(b, neighbours(b, by_index), crops, offsets)
+        canvas, _ = compose_core(b, neighbours(b, by_index), crops, offsets, areas)
         labels[local(b.core, (0, ly, 0, lx))] = canvas
     del crops
     fastremap.renumber(labels, in_place=True)  # ids 1..N in raster order
