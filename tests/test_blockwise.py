@@ -331,6 +331,7 @@ def test_blocks_run_each_tile_of_the_whole_grid_once(data_dir, gradient_model, a
     side = max(len(per_block[i] & per_block[i + 1]) for i in range(len(plan_blocks) - 1))
     assert 0 < cache.peak_tiles <= band + side + 2 * max(map(len, per_block))
     assert cache.peak_tiles < len(plan) / 2
+    assert cache.peak_bytes < cache.peak_tiles * 3 * 256 * 256 * 4  # trimmed to what is needed
     assert [b for b, _ in out] == plan_blocks
     for b, y in out:
         y0, y1, x0, x1 = b.crop
