@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+import fastremap
 import numpy as np
 import pytest
 from test_blockwise import mosaic
@@ -79,3 +80,21 @@ def test_blocks_with_resizing(data_dir, gradient_model):  # noqa: F811
     got = gradient_model.segment(img, diameter=20, host_memory="1MB")
     ap = average_precision(whole.masks.astype(np.uint32), got.masks.astype(np.uint32), [0.5])[0][0]
     assert whole.n_objects > 100 and ap >= 0.9
+
+
+def test_keep_core_objects_keeps_the_objects_centred_in_the_core(data_dir):
+    """Against scipy's centroids, on real annotations cut as a block's crop."""
+    from scipy import ndimage
+
+    _, lab = mosaic(data_dir, 1024)
+    b = blocks.plan_blocks((1024, 1024), 384, 64)[4]  # the middle block: halo on every side
+    y0, y1, x0, x1 = b.crop
+    crop = fastremap.renumber(lab[y0:y1, x0:x1].astype(np.uint32))[0]
+    kept, k = blocks.keep_core_objects(crop, b)
+    ids = np.arange(1, int(crop.max()) + 1)
+    cy, cx = np.floor(np.array(ndimage.center_of_mass(crop > 0, crop, ids))).T
+    inside = ((cy + y0 >= b.core[0]) & (cy + y0 < b.core[1])
+              & (cx + x0 >= b.core[2]) & (cx + x0 < b.core[3]))
+    assert 50 < k == inside.sum() < len(ids)
+    assert kept.dtype == np.uint32 and set(np.unique(kept)) == set(range(k + 1))
+    assert np.array_equal(kept > 0, np.isin(crop, ids[inside]))  # whole objects, kept or not

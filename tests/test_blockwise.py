@@ -287,3 +287,52 @@ def test_block_network_outputs_are_the_whole_image_outputs(data_dir, tiny_model,
     for b, y in out:
         y0, y1, x0, x1 = b.crop
         assert np.array_equal(y, whole[:, y0:y1, x0:x1]), b
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_blocks_run_each_tile_of_the_whole_grid_once(data_dir, gradient_model, augment):  # noqa: F811
+    """Blocks share their overlapping tiles: the network sees exactly the whole image's tiles,
+    in full batches across blocks, the kept outputs stay bounded (about one band of tiles
+    across the image) and none is left at the end; the outputs are the whole image's."""
+    from cpsam_toolkit import tiling
+    from cpsam_toolkit.modes import blocks as bm
+    from cpsam_toolkit.segment import NetOptions
+
+    img, _ = mosaic(data_dir, 2048)
+    img = img[:2000, :1900]
+    net = NetOptions(batch_size=8, augment=augment)
+    with torch_threads(1):
+        flows, cellprob = next(gradient_model.iter_predict([img], InputOptions(), net))
+        whole = np.concatenate([flows, cellprob[None]])
+        src = blockwise.open_source(img)
+        lowhigh = blockwise.global_lowhigh(src, InputOptions())
+        calls: list[int] = []
+
+        def counting(tiles: np.ndarray) -> np.ndarray:
+            calls.append(len(tiles))
+            return gradient_model.predict_tiles(tiles)
+
+        plan_blocks = bm.plan_blocks(src.shape2d, 384, 64)
+        cache = bm.TileCache()
+        out = list(bm.aligned_outputs(
+            counting, src.shape2d, lambda box: blockwise._region(src, box, InputOptions(), lowhigh),
+            plan_blocks, net, 256, cache))
+    plan = tiling.TilePlan.for_shape(src.shape2d, 256, net.tile_overlap, augment)
+    per_block = [{k for k, _, _ in bm.block_tiles(plan, b.crop)} for b in plan_blocks]
+    assert sum(map(len, per_block)) > 2.5 * len(plan)  # blocks overlap: most tiles are shared
+    assert sum(calls) == len(plan)  # ... yet each tile ran once, as for the whole image
+    assert set(calls[:-1]) == {8}  # full batches across blocks
+    assert len(cache) == 0 and cache.nbytes == 0
+    # kept at most: the tiles shared by two block rows, by two neighbouring blocks, and the
+    # tiles of the blocks in flight (a batch's worth of blocks)
+    nby, nbx = 1 + max(b.index[0] for b in plan_blocks), 1 + max(b.index[1] for b in plan_blocks)
+    rows = [set().union(*per_block[r * nbx : (r + 1) * nbx]) for r in range(nby)]
+    band = max(len(rows[r] & rows[r + 1]) for r in range(nby - 1))
+    side = max(len(per_block[i] & per_block[i + 1]) for i in range(len(plan_blocks) - 1))
+    assert 0 < cache.peak_tiles <= band + side + 2 * max(map(len, per_block))
+    assert cache.peak_tiles < len(plan) / 2
+    assert cache.peak_bytes < cache.peak_tiles * 3 * 256 * 256 * 4  # trimmed to what is needed
+    assert [b for b, _ in out] == plan_blocks
+    for b, y in out:
+        y0, y1, x0, x1 = b.crop
+        assert np.array_equal(y, whole[:, y0:y1, x0:x1]), b
