@@ -221,7 +221,7 @@ unchanged). A larger tile overlap helps a little without TTA (0.266 -> 0.270) an
 their length inside nuclei), which is why a looser flow-error check than 0.4 keeps more correct
 masks.
 
-## The CPU path: what buys validation AP per CPU-hour (session 6)
+## The CPU path: what buys validation AP per CPU-hour (sessions 6-7)
 
 Measured on the 2-core machine (one torch thread; the machine was shared with other jobs, so
 absolute times are pessimistic, ratios are what matter):
@@ -230,12 +230,13 @@ absolute times are pessimistic, ratios are what matter):
 |---|---|---|
 | choose the stored settings on validation images (`scripts/choose_settings.py`) | ~0.5 CPU-hour, no training | mean AP@0.5 0.229 -> **0.254** at the stored settings (0.296 at the best-AP ones), table above |
 | warm restart on the complete sets (split v2, lr 5e-4, `--polish`), 20 epochs | 41 min wall-clock on one thread of the loaded machine (train + one validation) | mean AP@0.5 at defaults 0.229 -> 0.202 (DSB 0.513, Usiigaci 0.017, CoNSeP 0.077): worse so far; stopped, not shipped |
+| low-LR continuation (split v2, lr 1e-4 cosine to 5e-6, `--polish`), 36 epochs | 19 min training + 2 min per validation on one thread (the machine otherwise near idle; 31 s per epoch of 8 batches) | mean AP@0.5 at defaults on split v2's validation images 0.211 (the shipped model: DSB 0.532, Usiigaci 0.014, CoNSeP 0.086) -> 0.208 (0.531, 0.009, 0.083): no gain; not shipped |
 | bf16 autocast for the training step | - | 3.34 s vs 3.46 s per batch of 8 (fp32): within noise on this CPU (AVX-512 BF16, no AMX) |
 | a faster data pipeline | - | augmentation costs 11-15 ms per sample (degradations on 0-50%) against ~430 ms of network forward+backward per sample: under 4%, nothing to gain |
 | distillation from a better checkpoint | - | none can be had offline: the official weights are a download and the GPU run (`benchmarks/gpu_run.sh`) has not run yet |
 
 So on CPUs the network step is the whole cost, and more epochs of this 2.2 M-parameter network
-buy little per hour; the way to a model that beats classical segmentation is the prepared GPU
+buy nothing measurable now (neither a warm restart nor a low-LR continuation moved validation AP); the way to a model that beats classical segmentation is the prepared GPU
 run (a width-384 ViT trained for ~8 GPU minutes sees far more crops than this model saw in hours).
 
 Validation loss (same loss as training, on fixed centre crops) is also logged per epoch in the
