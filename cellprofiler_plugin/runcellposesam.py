@@ -728,19 +728,6 @@ class RunCellposeSAM(ImageSegmentation):
                             min_size=0, gpu_memory=self.gpu_memory.value.strip() or None,
                             host_memory=self.host_memory.value.strip() or None, **values)
 
-    def _block_plan(self, model, data, settings):
-        """(the library's BlockPlan for this 2D image or None when it is segmented whole,
-        ``settings`` with that budget resolved so the library decides the same)."""
-        from cpsam_toolkit.modes.blocks import host_memory_budget
-        from cpsam_toolkit.segment import split_settings
-
-        budget = host_memory_budget(settings.host_memory)  # automatic: from the free RAM now
-        settings = settings.replace(host_memory=f"{budget}B" if budget else "unlimited")
-        inputs = split_settings(settings)[0]
-        if budget is None or model.net.cfg.class_names or inputs.tile_norm_blocksize:
-            return None, settings  # as CellposeSAM.iter_segment: these are always whole
-        return model.block_plan(data, inputs, budget, self.x_name.value), settings
-
     def _segment(self, model, data, channel_axis, volumetric, settings):
         """The library's result (2D, 3D or plane by plane), before size and border filtering."""
         if volumetric and self.do_3d:
@@ -793,8 +780,9 @@ class RunCellposeSAM(ImageSegmentation):
         from cpsam_toolkit.core.postprocess import sigmoid, touching_border
 
         settings = self.library_settings(model, channel_axis)
+        # 2D: the library's block plan (None: whole), with the automatic RAM budget fixed now
         plan, run_settings = (None, settings) if volumetric else \
-            self._block_plan(model, data, settings)
+            model.plan_blocks(data, settings, self.x_name.value)
         t0 = time.perf_counter()
         result = self._segment(model, data, channel_axis, volumetric, run_settings)
         elapsed = time.perf_counter() - t0

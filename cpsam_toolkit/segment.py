@@ -112,7 +112,7 @@ class CellposeSAM(Predictor):
         line saying so; the others stream through the network together."""
         masks.validate()
         classes = self.net.cfg.class_names
-        budget = None if classes or inputs.tile_norm_blocksize else host_memory_budget(net.host_memory)
+        budget = self.host_budget(inputs, net)
 
         def label(i: int) -> str:
             return names[i] if names is not None and i < len(names) else f"image {i}"
@@ -137,6 +137,29 @@ class CellposeSAM(Predictor):
                 yield from iter_panoptic(outs, classes, scaled, result_names)
             else:
                 yield from iter_planar(outs, scaled, result_names)
+
+    def host_budget(self, inputs: InputOptions, net: NetOptions) -> int | None:
+        """Bytes of host memory a 2D image's whole-image segmentation may need before it is
+        segmented in blocks; None when it is always segmented whole (no limit set, a panoptic
+        network, or ``tile_norm_blocksize``)."""
+        if self.net.cfg.class_names or inputs.tile_norm_blocksize:
+            return None
+        return host_memory_budget(net.host_memory)
+
+    def plan_blocks(
+        self, image: np.ndarray, settings: Settings | None = None, name: str = "image"
+    ) -> tuple[BlockPlan | None, Settings]:
+        """How :meth:`segment` would run a 2D ``image``: the :class:`BlockPlan` (None: whole)
+        and ``settings`` (default :attr:`settings`) with the automatic host-memory budget
+        fixed in bytes, so that segmenting with them decides the same way even if the free
+        RAM changes meanwhile (for adapters that report the block size, e.g. CellProfiler)."""
+        s = self.settings if settings is None else settings
+        inputs, net, _ = split_settings(s)
+        budget = host_memory_budget(s.host_memory)
+        s = s.replace(host_memory=f"{budget}B" if budget else "unlimited")
+        if self.host_budget(inputs, net) is None:
+            return None, s
+        return self.block_plan(image, inputs, budget, name), s
 
     def block_plan(
         self, image: np.ndarray, inputs: InputOptions, budget: int | None, name: str = "image"

@@ -31,7 +31,8 @@ def test_estimate_and_plan():
     assert plan.block_size % 256 == 0 and 512 <= plan.block_size <= 4096 and plan.halo == 64
     # a block's own whole-image estimate fits in the budget with the result arrays
     crop = plan.block_size + 2 * plan.halo
-    assert blocks.estimate_whole_image_bytes((crop, crop)) + 16 * 10240**2 < plan.budget
+    held = blocks.RESULT_BYTES_PER_PIXEL * 10240**2 + blocks.CACHE_BYTES_PER_COLUMN * 10240
+    assert blocks.estimate_whole_image_bytes((crop, crop)) + held < plan.budget
     assert "host_memory" in plan.describe("slide.tif") and "slide.tif" in plan.describe("slide.tif")
     assert blocks.choose_blocks((4096, 4096), int(1e9), diameter=40).halo == 80  # 2 diameters
     assert blocks.choose_blocks((400, 9000), 1) is None  # too thin to cut: whole
@@ -72,6 +73,21 @@ def test_over_budget_images_go_in_blocks(data_dir, gradient_model, caplog):  # n
     assert np.array_equal(res[0].masks, alone.masks) and np.array_equal(res[2].masks, alone.masks)
     # the object table works on a blocks result
     assert len(got.objects["area"]) == got.n_objects
+
+
+def test_plan_blocks_says_in_advance_what_segment_does(data_dir, gradient_model):  # noqa: F811
+    """The adapters' hook (the CellProfiler module reports the block size it gets)."""
+    img, _ = mosaic(data_dir, 1024)
+    plan, fixed = gradient_model.plan_blocks(img, gradient_model.settings.replace(host_memory="1MB"))
+    assert plan is not None and plan.block_size == 512 and fixed.host_memory == "1000000B"
+    assert gradient_model.plan_blocks(img)[0] is None  # the automatic budget: a 1024^2 image fits
+    auto = gradient_model.plan_blocks(img)[1].host_memory
+    assert auto.endswith("B") and int(auto[:-1]) == blocks.host_memory_budget(auto)
+    free, fixed = gradient_model.plan_blocks(img, gradient_model.settings.replace(host_memory="unlimited"))
+    assert free is None and fixed.host_memory == "unlimited"
+    # tile_norm_blocksize always runs whole, whatever the budget
+    tiled = gradient_model.settings.replace(host_memory="1MB", tile_norm_blocksize=128)
+    assert gradient_model.plan_blocks(img, tiled)[0] is None
 
 
 def test_blocks_with_resizing(data_dir, gradient_model):  # noqa: F811
