@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .batch import ModelSpec, WorkerSetup, model_file, model_for_workers, worker_model
+from .core.size import FEATURE_CROP
 from .io import imread, imwrite_tiff
 from .modes.blocks import (
     Block,
@@ -313,6 +314,19 @@ def _region(source: Source, box: Box, inputs: InputOptions,
     return np.moveaxis(x, -1, 0)
 
 
+def _auto_diameter(model: Any, source: Source, inputs: InputOptions,
+                   lowhigh: Sequence[tuple[float, float]] | None) -> float | None:
+    """``diameter="auto"`` resolved on the central crop of the image (globally normalised)."""
+    if not hasattr(model, "resolve_inputs"):
+        raise ValueError("diameter='auto' needs a CellposeSAM model with a size model; give pixels or None")
+    h, w = source.shape2d
+    c = FEATURE_CROP
+    y0, x0 = max(0, (h - c) // 2), max(0, (w - c) // 2)
+    x = np.moveaxis(_region(source, (y0, min(h, y0 + c), x0, min(w, x0 + c)), inputs, lowhigh), 0, -1)
+    pre = InputOptions(channel_axis=2, normalize=False, diameter="auto")
+    return model.resolve_inputs(x, pre, f"{source.path or 'image'} centre").diameter
+
+
 def _aligned_outputs(
     model: CellposeSAM,
     source: Source,
@@ -509,8 +523,6 @@ def segment_blockwise(
     masks.validate()
     if inputs.tile_norm_blocksize:
         raise ValueError("tile_norm_blocksize is not supported blockwise (normalisation is global)")
-    if masks.niter is None and inputs.diameter:  # as iter_segment does, for the whole image
-        masks = replace(masks, niter=max(1, int(200 * inputs.diameter / 30.0)))
     out_path = Path(out_path)
     if out_path.exists() and not overwrite:
         raise FileExistsError(f"{out_path} exists; pass overwrite=True (--overwrite) to replace it")
@@ -519,6 +531,10 @@ def segment_blockwise(
     blocks = plan_blocks(shape, block_size, halo)
     by_index = {b.index: b for b in blocks}
     lowhigh = global_lowhigh(source, inputs) if inputs.normalize else None
+    if inputs.diameter == "auto":  # one size for the whole image, from its centre
+        inputs = replace(inputs, diameter=_auto_diameter(model, source, inputs, lowhigh))
+    if masks.niter is None and inputs.diameter:  # as iter_segment does, for the whole image
+        masks = replace(masks, niter=max(1, int(200 * inputs.diameter / 30.0)))
     settings = _Settings(
         inputs,
         InputOptions(channel_axis=2, normalize=False, diameter=inputs.diameter),

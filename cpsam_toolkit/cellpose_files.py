@@ -232,7 +232,7 @@ def seg_dict(
         "ismanual": np.zeros(n, bool),
         "filename": os.fspath(filename),
         "flows": [],
-        "diameter": float(diameter) if diameter else math.nan,
+        "diameter": float(diameter) if isinstance(diameter, (int, float)) and diameter else math.nan,
     }
     if flows is not None and cellprob is not None:
         flows = np.asarray(flows, np.float32)

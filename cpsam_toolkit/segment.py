@@ -13,6 +13,7 @@ import itertools
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from .core.predictor import Predictor, run_with_oom_fallback
 from .core.predictor import is_oom as _is_oom  # noqa: F401 - former private names
 from .core.predictor import resize_maps as _resize  # noqa: F401
 from .core.result import SegmentationResult
+from .core.size import SizeModel, size_features
 from .modes.blocks import BlockPlan, choose_blocks, host_memory_budget, segment_in_blocks
 from .modes.panoptic import PanopticResult, is_panoptic, iter_panoptic
 from .modes.planar import iter_planar
@@ -84,7 +86,50 @@ class CellposeSAM(Predictor):
     def settings(self) -> Settings:
         """Default settings with the model file's ``recommended_settings`` applied (source
         ``"model"``); what :meth:`segment` uses unless told otherwise."""
-        return Settings.from_model(self.info.get("recommended_settings"))
+        rec = dict(self.info.get("recommended_settings") or {})
+        if rec.get("diameter") == "auto" and not self.info.get("size_model"):
+            log.warning("cpsam: %s recommends diameter='auto' but has no size model; using no resizing",
+                        self.name)
+            del rec["diameter"]
+        return Settings.from_model(rec)
+
+    @property
+    def size_model(self) -> SizeModel | None:
+        """The model file's :class:`~cpsam_toolkit.core.size.SizeModel` (``info["size_model"]``),
+        which ``diameter="auto"`` uses; None when the file has none."""
+        d = self.info.get("size_model")
+        return SizeModel.from_dict(d) if d else None
+
+    def estimate_diameter(
+        self, image: np.ndarray, inputs: InputOptions = InputOptions(), name: str = "image"
+    ) -> float:
+        """Median object diameter (px) of a 2D ``image``, from the model's size model.
+
+        Raises ``ValueError`` for a model without one (e.g. the official weights, which are
+        size-invariant: leave ``diameter`` None or give it in pixels)."""
+        sm = self.size_model
+        if sm is None:
+            raise ValueError(
+                f"diameter='auto' needs a model with a size model, and {self.name!r} has none; "
+                "give the median object diameter in pixels, or None for no resizing "
+                "(Cellpose-SAM's official weights need none)")
+        x = self._prepare(image, replace(inputs, diameter=None), name)
+        return sm.predict(size_features(self.net.encoder, x, self.net.cfg.tile, sm.crop,
+                                        self.device, self.dtype))
+
+    def resolve_inputs(
+        self, image: np.ndarray, inputs: InputOptions, name: str = "image"
+    ) -> InputOptions:
+        """``inputs`` with ``diameter="auto"`` replaced by the resizing it stands for on this
+        2D ``image`` (px, or None for none; see :meth:`SizeModel.resize_diameter`); other
+        inputs are returned unchanged."""
+        if inputs.diameter != "auto":
+            return inputs
+        est = self.estimate_diameter(image, inputs, name)
+        d = self.size_model.resize_diameter(est)
+        log.info("cpsam: %s: diameter=auto: objects about %.0f px -> %s", name, est,
+                 f"resized by {30.0 / d:.2f}" if d else "not resized")
+        return replace(inputs, diameter=d)
 
     def __repr__(self) -> str:
         c = self.net.cfg
@@ -117,21 +162,25 @@ class CellposeSAM(Predictor):
         def label(i: int) -> str:
             return names[i] if names is not None and i < len(names) else f"image {i}"
 
-        def planned() -> Iterator[tuple[int, np.ndarray, BlockPlan | None]]:
+        def planned() -> Iterator[tuple[int, np.ndarray, BlockPlan | None, InputOptions]]:
             for i, img in enumerate(images):
-                yield i, img, self.block_plan(img, inputs, budget, label(i))
+                own = self.resolve_inputs(img, inputs, label(i))  # diameter="auto": per image
+                yield i, img, self.block_plan(img, own, budget, label(i)), own
 
-        for in_blocks, group in itertools.groupby(planned(), key=lambda t: t[2] is not None):
+        # consecutive images with the same resizing share network batches
+        for (in_blocks, own), group in itertools.groupby(
+            planned(), key=lambda t: (t[2] is not None, t[3])
+        ):
             if in_blocks:
-                for i, img, plan in group:
+                for i, img, plan, _ in group:
                     log.warning("cpsam: %s", plan.describe(label(i)))
-                    yield segment_in_blocks(self, img, inputs, net, masks, plan.block_size,
+                    yield segment_in_blocks(self, img, own, net, masks, plan.block_size,
                                             plan.halo, label(i) if names is not None else None)
                 continue
             group_names: list[str] = []  # filled as the network pulls the images
             whole = _tap_names(group, label, group_names)
-            outs = self.iter_predict(whole, inputs, net, group_names, progress, bool(classes))
-            scaled = scale_niter(masks, inputs.diameter)
+            outs = self.iter_predict(whole, own, net, group_names, progress, bool(classes))
+            scaled = scale_niter(masks, own.diameter)
             result_names = group_names if names is not None else None
             if classes:
                 yield from iter_panoptic(outs, classes, scaled, result_names)
@@ -155,6 +204,7 @@ class CellposeSAM(Predictor):
         RAM changes meanwhile (for adapters that report the block size, e.g. CellProfiler)."""
         s = self.settings if settings is None else settings
         inputs, net, _ = split_settings(s)
+        inputs = self.resolve_inputs(image, inputs, name)
         budget = host_memory_budget(s.host_memory)
         s = s.replace(host_memory=f"{budget}B" if budget else "unlimited")
         if self.host_budget(inputs, net) is None:
@@ -237,7 +287,7 @@ def _tap_names(
     items: Iterable[tuple[int, np.ndarray, Any]], label: Callable[[int], str], sink: list[str]
 ) -> Iterator[np.ndarray]:
     """The images of ``(index, image, plan)`` items, appending each one's name to ``sink``."""
-    for i, img, _ in items:
+    for i, img, *_ in items:
         sink.append(label(i))
         yield img
 

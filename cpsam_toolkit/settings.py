@@ -62,7 +62,8 @@ class Settings:
         ``channel_axis`` (int or None: guessed), ``channels`` (1-3 channel indices or None: the
         first 3), ``normalize`` (percentile normalisation), ``percentiles`` (low, high; mapped
         to 0 and 1), ``invert``, ``tile_norm_blocksize`` (px, 0 = whole image), ``diameter``
-        (median object diameter in px; None = no resizing, the network's 30 px scale).
+        (median object diameter in px; None = no resizing, the network's 30 px scale;
+        ``"auto"`` = estimated per image by the model's size model, :mod:`cpsam_toolkit.core.size`).
     Network
         ``batch_size`` (tiles per network call), ``tile_overlap`` (fraction), ``augment``
         (test-time flips), ``gpu_memory`` (budget such as ``"6GB"``: the largest batch that
@@ -87,7 +88,7 @@ class Settings:
     percentiles: tuple[float, float] = (1.0, 99.0)
     invert: bool = False
     tile_norm_blocksize: int = 0
-    diameter: float | None = None
+    diameter: float | str | None = None
     # network
     batch_size: int = 8
     tile_overlap: float = 0.1
@@ -179,10 +180,11 @@ class Settings:
             raise bad("percentiles", "give (low, high) with 0 <= low < high <= 100, e.g. (1, 99)")
         if not is_int(self.tile_norm_blocksize) or self.tile_norm_blocksize < 0:
             raise bad("tile_norm_blocksize", "give a block size in pixels >= 0 (0 = whole image)")
-        if self.diameter is not None and (
+        if self.diameter is not None and self.diameter != "auto" and (
             not is_num(self.diameter) or not math.isfinite(self.diameter) or self.diameter < 0
         ):
-            raise bad("diameter", "give the median object diameter in pixels (> 0), or None for no resizing")
+            raise bad("diameter", "give the median object diameter in pixels (> 0), 'auto' to "
+                      "estimate it with the model's size model, or None for no resizing")
         if not is_int(self.batch_size) or self.batch_size < 1:
             raise bad("batch_size", "give a number of tiles >= 1")
         if not is_num(self.tile_overlap) or not 0 <= self.tile_overlap < 1:

@@ -43,6 +43,20 @@ def val_images(data: Path, split_file: Path, limit: int | None = None) -> dict[s
     return out
 
 
+def modality(img: np.ndarray) -> str:
+    """DSB2018 image kind: "fluorescence" (grey, dark background), "brightfield" or "stained"."""
+    grey = img if img.ndim == 2 else img[..., 0]
+    if img.ndim == 3 and not all(np.array_equal(grey, img[..., c]) for c in range(img.shape[-1])):
+        return "stained"
+    return "fluorescence" if grey.mean() < 100 else "brightfield"
+
+
+def count_ok(count: int, masks: np.ndarray) -> bool:
+    """The count test of the CellProfiler module: within max(3, 25%) of the annotated count."""
+    truth = len(np.unique(masks)) - 1
+    return abs(count - truth) <= max(3, 0.25 * truth)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ROOT / "cpsam_toolkit" / "models" / "cpsam_small.pt"))
@@ -52,6 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cellprob-thresholds", default="-1,-0.5,0,0.5")
     ap.add_argument("--augment", default="0,1", help="test-time augmentation off/on")
     ap.add_argument("--overlaps", default="0.1,0.25")
+    ap.add_argument("--diameters", default="none",
+                    help="comma-separated: none (no resizing), auto (the model's size model) or pixels")
     ap.add_argument("--limit", type=int, default=None, help="at most N images per set (quick looks)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
@@ -65,20 +81,30 @@ def main(argv=None) -> int:
     data = val_images(args.data, args.split, args.limit)
     fts = [float(v) for v in args.flow_thresholds.split(",")]
     cps = [float(v) for v in args.cellprob_thresholds.split(",")]
+    diams = [None if v == "none" else v if v == "auto" else float(v) for v in args.diameters.split(",")]
     rows = []
-    for aug, ov in itertools.product([bool(int(v)) for v in args.augment.split(",")],
-                                     [float(v) for v in args.overlaps.split(",")]):
+    for aug, ov, diam in itertools.product([bool(int(v)) for v in args.augment.split(",")],
+                                           [float(v) for v in args.overlaps.split(",")], diams):
         for g, items in data.items():
             t0 = time.perf_counter()
-            base = [model.segment(img, augment=aug, tile_overlap=ov, flow_threshold=0.4,
-                                  cellprob_threshold=0.0) for _, img, _ in items]
+            run = dict(augment=aug, tile_overlap=ov, diameter=diam, flow_threshold=0.4,
+                       cellprob_threshold=0.0)
+            base = [model.segment(img, **run) for _, img, _ in items]
+            # what a CellProfiler user sees: DSB fluorescence images given as one channel
+            fluo = [(img[..., 0] if img.ndim == 3 else img, m) for _, img, m in items
+                    if g == "dsb2018" and modality(img) == "fluorescence"]
+            one = [model.segment(img, **run) for img, _ in fluo]
             t_net = time.perf_counter() - t0
             for cp, ft in itertools.product(cps, fts):
                 preds = [r.recompute(flow_threshold=ft, cellprob_threshold=cp).masks for r in base]
                 ap50 = average_precision([m for _, _, m in items], preds, 0.5)[0][:, 0]
-                rows.append({"set": g, "augment": aug, "tile_overlap": ov, "flow_threshold": ft,
-                             "cellprob_threshold": cp, "ap50": float(np.mean(ap50)), "n": len(items),
-                             "net_seconds": round(t_net, 1)})
+                rows.append({"set": g, "augment": aug, "tile_overlap": ov, "diameter": diam,
+                             "flow_threshold": ft, "cellprob_threshold": cp, "ap50": float(np.mean(ap50)),
+                             "n": len(items), "net_seconds": round(t_net, 1)})
+                if fluo:
+                    counts = [r.recompute(flow_threshold=ft, cellprob_threshold=cp).n_objects for r in one]
+                    rows[-1]["one_channel_counts_ok"] = (
+                        f"{sum(count_ok(c, m) for c, (_, m) in zip(counts, fluo))}/{len(fluo)}")
                 print(json.dumps(rows[-1]), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,16 @@ def _int_list(text: str) -> tuple[int, ...]:
     return vals
 
 
+def _diameter(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a diameter in pixels or 'auto', got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
     v = int(text)
     if v < 1:
@@ -97,9 +107,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--channel-axis", type=int, default=None, help="axis of the channels (default: guessed)")
     g.add_argument("--channels", type=_int_list, default=None, metavar="I[,J[,K]]",
                    help="up to 3 channel indices to use, in order (default: the first 3)")
-    g.add_argument("--diameter", type=float, default=None,
+    g.add_argument("--diameter", type=_diameter, default=None, metavar="PX|auto",
                    help="median object diameter in pixels; images are resized so objects are ~30 px "
-                        "(default: none, Cellpose-SAM is size-invariant)")
+                        "(default: none, Cellpose-SAM is size-invariant); 'auto': estimated per image "
+                        "by the model's size model (the shipped model recommends it)")
     g.add_argument("--invert", action="store_true", default=None,
                    help="invert intensities (1 - x) after normalising")
     g.add_argument("--no-norm", action="store_true", help="do not percentile-normalise the images")
@@ -228,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
             return _err(f"--norm-percentile needs 0 <= LO < HI <= 100, got {lo} {hi}")
     if args.tile_overlap is not None and not 0 <= args.tile_overlap < 1:
         return _err(f"--tile-overlap must be in [0, 1), got {args.tile_overlap}")
-    if args.diameter is not None and not args.diameter > 0:
+    if args.diameter is not None and args.diameter != "auto" and not args.diameter > 0:
         return _err(f"--diameter must be a positive number of pixels, got {args.diameter}")
     if args.dask and args.scheduler:
         return _err("give either --dask (a local cluster) or --scheduler ADDRESS, not both")

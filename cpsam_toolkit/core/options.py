@@ -25,7 +25,7 @@ class InputOptions:
     percentiles: tuple[float, float] = (1.0, 99.0)
     invert: bool = False
     tile_norm_blocksize: int = 0
-    diameter: float | None = None  # median cell diameter in px; None = use as is (30 px ideal)
+    diameter: float | str | None = None  # median cell diameter in px; None = as is; "auto": size model
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,9 @@ class Predictor:
 
         ``class_maps=True`` adds the ``(nout-3, Y, X)`` class maps of a panoptic network."""
         shapes: list[tuple[int, int]] = []
+        if inputs.diameter == "auto":
+            raise ValueError("diameter='auto' is resolved per image by CellposeSAM.resolve_inputs "
+                             "(it needs the model's size model); give pixels or None here")
         scale = 30.0 / inputs.diameter if inputs.diameter else 1.0
         if scale <= 0 or not np.isfinite(scale):
             raise ValueError(f"diameter must be a positive number of pixels, got {inputs.diameter}")

@@ -837,7 +837,10 @@ def segment_planes(
         ca = ca - 1 if ca > z else ca
     planes = np.moveaxis(arr, z, 0)
     plane_inputs = replace(inputs, channel_axis=ca)
-    masks = scale_niter(masks, inputs.diameter)
+    if plane_inputs.diameter == "auto":  # one size for the whole volume, from its middle plane
+        plane_inputs = model.resolve_inputs(planes[len(planes) // 2], plane_inputs,
+                                            f"{name} middle plane")
+    masks = scale_niter(masks, plane_inputs.diameter)
     masks.validate()
     classes = model.net.cfg.class_names
     names = [f"{name} plane {i}" for i in range(len(planes))]
@@ -875,6 +878,23 @@ def segment_planes(
     return out
 
 
+def auto_diameter(model: CellposeSAM, volume: np.ndarray, z_axis: int, kwargs: dict[str, Any],
+                  name: str = "volume") -> float | None:
+    """``diameter="auto"`` for a volume: one resizing for all of it, from its middle plane
+    (:meth:`CellposeSAM.resolve_inputs`); ``kwargs`` are ``segment``'s input keywords."""
+    z = z_axis % volume.ndim
+    ca = kwargs.get("channel_axis")
+    ca = None if ca is None else ca % volume.ndim
+    if ca is not None and ca > z:
+        ca -= 1
+    inputs = InputOptions(channel_axis=ca, channels=kwargs.get("channels"),
+                          normalize=kwargs.get("normalize", True),
+                          percentiles=kwargs.get("percentiles", (1.0, 99.0)),
+                          invert=kwargs.get("invert", False), diameter="auto")
+    mid = np.take(volume, volume.shape[z] // 2, axis=z)
+    return model.resolve_inputs(mid, inputs, f"{name} middle plane").diameter
+
+
 def segment_3d(model: CellposeSAM, image: Any, **kwargs: Any) -> VolumeResult | list[VolumeResult]:
     """The ``do_3d`` / ``stitch_threshold`` path of :meth:`CellposeSAM.segment` (one volume or a
     list of volumes). Translates ``segment``'s keyword arguments; see :func:`segment_volume`."""
@@ -904,6 +924,8 @@ def segment_3d(model: CellposeSAM, image: Any, **kwargs: Any) -> VolumeResult | 
                 f"{name}: {'do_3d' if do_3d else 'stitching'} needs z_axis= (the axis of the "
                 f"planes; shape {arr.shape})" + (", and channel_axis= for 4-D input" if arr.ndim == 4 else "")
             )
+        if kwargs.get("diameter") == "auto":
+            kwargs = {**kwargs, "diameter": auto_diameter(model, arr, z_axis, kwargs, name)}
         if do_3d:
             if flow_threshold not in (0, 0.4, None):
                 warnings.warn("flow_threshold has no effect in 3D (no flow-error QC)", stacklevel=3)

@@ -70,9 +70,13 @@ def model_recommended(model: Any) -> dict[str, Any]:
     """The settings the model file recommends (``info["recommended_settings"]``, e.g. the
     shipped model's ``flow_threshold=0.8``); ``{}`` when it recommends none.
 
-    The ONE place the widgets read them: when ``cpsam_toolkit.settings`` lands, this becomes
-    ``model.settings`` (its fields with source "model").
+    The ONE place the widgets read them: a :class:`~cpsam_toolkit.segment.CellposeSAM`'s
+    ``settings`` fields with source "model" (which drops a ``diameter="auto"`` the model cannot
+    honour); the raw ``info`` entry for other model objects.
     """
+    s = getattr(model, "settings", None)
+    if isinstance(s, Settings):
+        return {k: v for k, (v, src) in s.non_default().items() if src == "model"}
     info = getattr(model, "info", None) or {}
     return dict(info.get("recommended_settings") or {})
 

@@ -331,8 +331,13 @@ class Finetuner(Panel):
             if self.improved is not False:
                 self.model = load_model(out, device=getattr(self.base_model, "device", None))
                 self.model.name = f"{self.base_model.name} (finetuned)"
-                self.model.info.setdefault("recommended_settings", dict(
-                    (getattr(self.base_model, "info", None) or {}).get("recommended_settings") or {}))
+                # the base model's settings, except diameter="auto": its size model was fitted to
+                # the base encoder, and finetuning taught the network the objects at this scale
+                base_info = getattr(self.base_model, "info", None) or {}
+                rec_base = dict(base_info.get("recommended_settings") or {})
+                if rec_base.get("diameter") == "auto":
+                    del rec_base["diameter"]
+                self.model.info.setdefault("recommended_settings", rec_base)
             self._finished()
         except BaseException as e:  # noqa: BLE001 - shown in the panel, re-raised by wait()
             self.error = e
