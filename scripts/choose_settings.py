@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="at most N images per set (quick looks)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--per-image", type=Path, default=None,
+                    help="also write one row per (image, setting) with the image kind (JSON lines)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -83,6 +85,7 @@ def main(argv=None) -> int:
     cps = [float(v) for v in args.cellprob_thresholds.split(",")]
     diams = [None if v == "none" else v if v == "auto" else float(v) for v in args.diameters.split(",")]
     rows = []
+    per_image = args.per_image.open("w") if args.per_image else None
     for aug, ov, diam in itertools.product([bool(int(v)) for v in args.augment.split(",")],
                                            [float(v) for v in args.overlaps.split(",")], diams):
         for g, items in data.items():
@@ -98,6 +101,11 @@ def main(argv=None) -> int:
             for cp, ft in itertools.product(cps, fts):
                 preds = [r.recompute(flow_threshold=ft, cellprob_threshold=cp).masks for r in base]
                 ap50 = average_precision([m for _, _, m in items], preds, 0.5)[0][:, 0]
+                for (stem, img, _), a in zip(items, ap50) if per_image else ():
+                    per_image.write(json.dumps({
+                        "set": g, "stem": stem, "kind": modality(img), "augment": aug, "tile_overlap": ov,
+                        "diameter": diam, "flow_threshold": ft, "cellprob_threshold": cp,
+                        "ap50": float(a)}) + "\n")
                 rows.append({"set": g, "augment": aug, "tile_overlap": ov, "diameter": diam,
                              "flow_threshold": ft, "cellprob_threshold": cp, "ap50": float(np.mean(ap50)),
                              "n": len(items), "net_seconds": round(t_net, 1)})
@@ -106,6 +114,8 @@ def main(argv=None) -> int:
                     rows[-1]["one_channel_counts_ok"] = (
                         f"{sum(count_ok(c, m) for c, (_, m) in zip(counts, fluo))}/{len(fluo)}")
                 print(json.dumps(rows[-1]), flush=True)
+    if per_image:
+        per_image.close()
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": str(args.model), "split": str(args.split), "rows": rows},

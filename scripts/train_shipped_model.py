@@ -217,6 +217,21 @@ count (the module's count test). The best-AP setting (flow 0.6) splits too many 
 nuclei (23/40), so it is not the default; pass `flow_threshold=0.6` for whole cells and
 `flow_threshold=0.4` on H&E (0.139-0.175, with or without `diameter="auto"`).
 
+**Thresholds per kind of image: measured, not shipped (session 10).** Could the file store
+one flow threshold per kind of image, picked per image at run time? The 91 validation images were
+sorted by a rule that needs no model (the grouping of `modality()` in the script; a
+normalised median below 0.25 gives the same groups): dark background = fluorescence (40 DSB); bright background and colour = stained (32 CoNSeP, 9 DSB); bright background
+and grey = brightfield/phase (6 Usiigaci, 4 DSB). The best thresholds per kind (TTA, diameter auto,
+cellprob 0) were fluorescence 0.8 (0.734), brightfield 0.7 (0.264 against 0.231 at 0.8) and
+stained 0.5 (0.191 against 0.103 at 0.8). But "stained" holds two opposite sets: CoNSeP H&E
+wants a strict check (0.175 at 0.4, 0.049 at 0.8), while the DSB stained tissue wants a loose one
+(0.217 at 0.4, 0.294 at 0.8). On the bundled examples the per-kind values found fewer cells in
+three of the four images (DSB histology 22 -> 15 of 98 matched, phase contrast 10 -> 8 of 26, H&E
+5 -> 4 of 26, fluorescence unchanged), and on the held-out H&E set of issue #19 flow 0.8 already
+beat 0.4 (0.164 against 0.150). A colour rule cannot tell these tissues apart, so the gain rests on
+one data set; nothing was changed. Rows: `benchmarks/results/settings_by_kind_cpsam_small.json`
+(`scripts/choose_settings.py --per-image`).
+
 Test-time augmentation (tiles overlapping by half, each run flipped and flipped back) raises AP on
 every set at every threshold and costs about 4x the network time (the post-processing is
 unchanged). A larger tile overlap helps a little without TTA (0.266 -> 0.270) and nothing with it
