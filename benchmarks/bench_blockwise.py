@@ -74,15 +74,16 @@ def worker(args: argparse.Namespace) -> None:
     img = np.load(args.image)
     before = peak_rss_mb()
     t1 = time.perf_counter()
+    settings = model.settings.replace(augment=False) if args.no_augment else model.settings
     if args.worker == "whole":
-        masks = model.segment(img, host_memory="unlimited").masks
+        masks = model.segment(img, settings, host_memory="unlimited").masks
     elif args.worker == "blocks":
-        masks = model.segment(img, host_memory=args.host_memory).masks
+        masks = model.segment(img, settings, host_memory=args.host_memory).masks
     else:
         from cpsam_toolkit import blockwise
 
         res = blockwise.segment_blockwise(img, model, Path(args.tmp) / "blockwise.zarr",
-                                          block_size=args.block_size, halo=args.halo)
+                                          block_size=args.block_size, halo=args.halo, settings=settings)
         masks = res.read()
     t2 = time.perf_counter()
     np.save(Path(args.tmp) / f"{args.worker}.npy", masks.astype(np.uint32))
@@ -125,6 +126,8 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=2048, help="segment_blockwise block (px)")
     p.add_argument("--halo", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--no-augment", action="store_true",
+                   help="the model's settings without test-time augmentation (4x less network time)")
     p.add_argument("--ways", default="whole,blocks,blockwise")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--profile", action="store_true", help="cProfile whole and blocks, one process")
@@ -155,7 +158,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", way, "--image", str(Path(tmp) / "image.npy"),
                    "--tmp", tmp, "--model", args.model, "--host-memory", args.host_memory,
                    "--block-size", str(args.block_size), "--halo", str(args.halo),
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads)] + (["--no-augment"] if args.no_augment else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
@@ -180,7 +183,8 @@ def main() -> None:
               f"{r.get('ap_whole_75', float('nan')):.4f} | {r['ap_gt_50']:.3f} |")
     if args.json:
         meta = {"size": args.size, "model": args.model, "threads": args.threads,
-                "host_memory": args.host_memory, "block_size": args.block_size, "halo": args.halo,
+                "host_memory": args.host_memory, "augment": not args.no_augment,
+                "block_size": args.block_size, "halo": args.halo,
                 "blocks_plan": None if plan is None else plan.__dict__, "machine": platform.machine(),
                 "cpus": os.cpu_count(), "load_after": os.getloadavg()[0]}
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -49,6 +49,10 @@ Measurements made by this module
    ``cpsam segment`` command (one JSON text).
 -  *CellposeSAM_BlockSize_<objects>:* 0 when the image was segmented whole,
    else the side (pixels) of the blocks it was segmented in ('RAM per worker').
+-  *CellposeSAM_Diameter_<objects>:* the object diameter (pixels) the image
+   was resized from so that such objects were 30 pixels for the network: the
+   *diameter* you set, or the model's estimate for this image when it is
+   'auto'; 0 when the image was not resized.
 
 **Object measurements:**
 
@@ -137,6 +141,7 @@ FTR_MODEL = "Model"
 FTR_MODEL_VERSION = "ModelVersion"
 FTR_SETTINGS = "Settings"  # JSON: model, SHA-256, settings, the `cpsam segment` command
 FTR_BLOCK_SIZE = "BlockSize"  # px side of the blocks a large 2D image was segmented in; 0: whole
+FTR_DIAMETER = "Diameter"  # px the image was resized from (given or estimated); 0: not resized
 FTR_MEAN_CELLPROB = "MeanCellProb"
 FTR_FLOW_ERROR = "FlowError"
 M_MEAN_CELLPROB = f"{C_CELLPOSESAM}_{FTR_MEAN_CELLPROB}"
@@ -623,6 +628,7 @@ class RunCellposeSAM(ImageSegmentation):
                         COLTYPE_VARCHAR_FORMAT % 4000))
         columns.append((IMAGE, f"{C_CELLPOSESAM}_{FTR_BLOCK_SIZE}_{self.y_name.value}",
                         COLTYPE_INTEGER))
+        columns.append((IMAGE, f"{C_CELLPOSESAM}_{FTR_DIAMETER}_{self.y_name.value}", COLTYPE_FLOAT))
         obj = self.y_name.value
         if self.wants_confidence:
             columns += [(obj, M_MEAN_CELLPROB, COLTYPE_FLOAT), (obj, M_FLOW_ERROR, COLTYPE_FLOAT)]
@@ -656,7 +662,7 @@ class RunCellposeSAM(ImageSegmentation):
             return list(super().get_measurements(pipeline, object_name, category)) + class_objects
         if category == C_CELLPOSESAM:
             if object_name == IMAGE:
-                return [FTR_MODEL, FTR_MODEL_VERSION, FTR_SETTINGS, FTR_BLOCK_SIZE]
+                return [FTR_MODEL, FTR_MODEL_VERSION, FTR_SETTINGS, FTR_BLOCK_SIZE, FTR_DIAMETER]
             if object_name == self.y_name.value:
                 conf = [FTR_MEAN_CELLPROB, FTR_FLOW_ERROR] if self.wants_confidence else []
                 return conf + self._class_features()
@@ -665,7 +671,7 @@ class RunCellposeSAM(ImageSegmentation):
 
     def get_measurement_images(self, pipeline, object_name, category, measurement):
         if object_name == IMAGE and category == C_CELLPOSESAM and \
-                measurement in (FTR_MODEL, FTR_MODEL_VERSION, FTR_SETTINGS, FTR_BLOCK_SIZE):
+                measurement in (FTR_MODEL, FTR_MODEL_VERSION, FTR_SETTINGS, FTR_BLOCK_SIZE, FTR_DIAMETER):
             return [self.y_name.value]
         return []
 
@@ -829,6 +835,8 @@ class RunCellposeSAM(ImageSegmentation):
                                 self._settings_record(model, volumetric, settings))
         m.add_image_measurement(f"{C_CELLPOSESAM}_{FTR_BLOCK_SIZE}_{obj}",
                                 plan.block_size if plan else 0)
+        m.add_image_measurement(f"{C_CELLPOSESAM}_{FTR_DIAMETER}_{obj}",
+                                float(getattr(result, "diameter", None) or 0.0))
 
         n_kept = len(kept_table["label"])
         if self.wants_confidence:

@@ -353,7 +353,8 @@ def write_outputs(
     if o.npy:
         written.append(save_seg_npy(
             out.output_path(out_dir, job.stem, "npy"), res, filename=str(Path(job.path).resolve()),
-            diameter=settings.inputs.diameter, settings={**asdict(settings.inputs), **asdict(settings.masks)},
+            diameter=getattr(res, "diameter", None),
+            settings={**asdict(settings.inputs), **asdict(settings.masks)},
         ))
     if o.zarr is not None:  # OME-Zarr input: labels/<name> in the plate (cpsam_toolkit.omezarr)
         p = o.zarr.write(job.stem, job.path, res.masks, res.objects, out_dir)
@@ -364,7 +365,7 @@ def write_outputs(
         objects = res.objects
         if o.table:
             written.append(out.object_table_csv(out.output_path(out_dir, job.stem, "table"), objects))
-        summary = out.summary_row(job.stem, objects)
+        summary = out.summary_row(job.stem, objects, res.diameter)
         summary.pop("stem")
     rec: dict[str, Any] = {
         "stem": job.stem,
@@ -377,6 +378,7 @@ def write_outputs(
         "outputs": [p.name for p in written],
         "n_objects": res.n_objects,
         "shape": list(res.masks.shape),
+        "diameter": getattr(res, "diameter", None),
     }
     if summary is not None:
         rec["summary"] = summary

@@ -254,9 +254,12 @@ def object_table_csv(
     return write_text_atomic(path, csv_text(object_rows(objects, **extra), columns))
 
 
-def summary_row(stem: str, objects: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def summary_row(
+    stem: str, objects: Mapping[str, np.ndarray], diameter: float | None = None
+) -> dict[str, Any]:
     """One image's summary: object count, mean area, mean confidence (mean cell probability)
-    and mean flow error (blank when there are no objects)."""
+    and mean flow error (blank when there are no objects), and the ``diameter`` (px) the image
+    was resized from (blank: not resized; see ``SegmentationResult.diameter``)."""
     n = len(objects.get("label", ()))
 
     def mean(key: str) -> float:
@@ -269,10 +272,11 @@ def summary_row(stem: str, objects: Mapping[str, np.ndarray]) -> dict[str, Any]:
         "mean_area": mean("area"),
         "mean_confidence": mean("mean_cellprob"),
         "mean_flow_error": mean("flow_error"),
+        "diameter": float("nan") if diameter is None else float(diameter),
     }
 
 
-SUMMARY_COLUMNS = ("stem", "count", "mean_area", "mean_confidence", "mean_flow_error")
+SUMMARY_COLUMNS = ("stem", "count", "mean_area", "mean_confidence", "mean_flow_error", "diameter")
 
 
 # --------------------------------------------------------------------------------------------

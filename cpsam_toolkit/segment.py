@@ -174,18 +174,21 @@ class CellposeSAM(Predictor):
             if in_blocks:
                 for i, img, plan, _ in group:
                     log.warning("cpsam: %s", plan.describe(label(i)))
-                    yield segment_in_blocks(self, img, own, net, masks, plan.block_size,
+                    res = segment_in_blocks(self, img, own, net, masks, plan.block_size,
                                             plan.halo, label(i) if names is not None else None)
+                    res.diameter = own.diameter
+                    yield res
                 continue
             group_names: list[str] = []  # filled as the network pulls the images
             whole = _tap_names(group, label, group_names)
             outs = self.iter_predict(whole, own, net, group_names, progress, bool(classes))
             scaled = scale_niter(masks, own.diameter)
             result_names = group_names if names is not None else None
-            if classes:
-                yield from iter_panoptic(outs, classes, scaled, result_names)
-            else:
-                yield from iter_planar(outs, scaled, result_names)
+            results = (iter_panoptic(outs, classes, scaled, result_names) if classes
+                       else iter_planar(outs, scaled, result_names))
+            for res in results:
+                res.diameter = own.diameter
+                yield res
 
     def host_budget(self, inputs: InputOptions, net: NetOptions) -> int | None:
         """Bytes of host memory a 2D image's whole-image segmentation may need before it is
@@ -200,13 +203,17 @@ class CellposeSAM(Predictor):
     ) -> tuple[BlockPlan | None, Settings]:
         """How :meth:`segment` would run a 2D ``image``: the :class:`BlockPlan` (None: whole)
         and ``settings`` (default :attr:`settings`) with the automatic host-memory budget
-        fixed in bytes, so that segmenting with them decides the same way even if the free
-        RAM changes meanwhile (for adapters that report the block size, e.g. CellProfiler)."""
+        fixed in bytes and ``diameter="auto"`` replaced by its estimate for this image, so that
+        segmenting with them decides the same way even if the free RAM changes meanwhile, and
+        does not estimate the size again (for adapters that report the block size, e.g.
+        CellProfiler)."""
         s = self.settings if settings is None else settings
         inputs, net, _ = split_settings(s)
         inputs = self.resolve_inputs(image, inputs, name)
         budget = host_memory_budget(s.host_memory)
         s = s.replace(host_memory=f"{budget}B" if budget else "unlimited")
+        if s.diameter == "auto":  # estimated once: segmenting with s does not estimate again
+            s = s.replace(_source=s.sources["diameter"], diameter=inputs.diameter)
         if self.host_budget(inputs, net) is None:
             return None, s
         return self.block_plan(image, inputs, budget, name), s

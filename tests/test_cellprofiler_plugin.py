@@ -662,6 +662,27 @@ def test_ram_per_worker_segments_in_blocks(data_dir):
     assert "--host-memory 1MB" in settings["1MB"]["cli"]
 
 
+def test_diameter_measurement_reports_the_resizing(data_dir):
+    """The shipped model's diameter 'auto' at the module's defaults: the bundled phase-contrast
+    cells (40-70 px) are estimated above 30 px and the image measurement gives the estimate;
+    a diameter set by the user is reported as it is; 0 when the image is not resized."""
+    from importlib.resources import files
+
+    import tifffile
+
+    img = tifffile.imread(files("cpsam_toolkit") / "examples" / "cells_phase_contrast_img.tif")
+    img = (img / img.max()).astype(np.float32)
+    feature = "CellposeSAM_Diameter_Nuclei"
+    m = run_module(configure(new_module(), "default", {}), {"DNA": img}).measurements
+    assert m.get_current_image_measurement(feature) > 30
+    m = run_module(configure(new_module(), "default", {}, diameter=40.0, use_model_settings=False),
+                   {"DNA": img}).measurements
+    assert m.get_current_image_measurement(feature) == 40.0
+    m = run_module(configure(new_module(), "default", {}, use_model_settings=False),
+                   {"DNA": img}).measurements
+    assert m.get_current_image_measurement(feature) == 0.0
+
+
 # ------------------------------------------------------------------------ display (GUI)
 class _Figure:
     """Stand-in for the GUI's CPFigure (wxPython is not installed headless): records calls."""

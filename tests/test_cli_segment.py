@@ -255,6 +255,7 @@ def test_all_outputs_readable(tmp_path, data_dir, gradient_model):
     with open(out / "summary.csv") as f:
         summary = {r["stem"]: r for r in csv.DictReader(f)}
     assert sorted(summary) == sorted(good)
+    assert all(r["diameter"] == "" for r in summary.values())  # not resized
     total = 0
     for s in good:
         m = tifffile.imread(out / f"{s}_masks.tif")

@@ -81,8 +81,18 @@ def test_auto_resolves_once_for_volumes_and_lists(shipped, data_dir, one_torch_t
         vol = shipped.segment(np.stack([crop] * 3), stitch_threshold=0.3, z_axis=0, augment=False)
     assert caplog.text.count("diameter=auto") == 1 and "middle plane" in caplog.text
     assert vol.masks.shape == (3, 320, 320) and vol.masks.max() > 0
+    assert vol.diameter > 30  # the estimate the volume was resized from
     res = shipped.segment([crop, crop[:200, :200]], augment=False)
     assert [r.masks.shape for r in res] == [(320, 320), (200, 200)]
+    assert all(r.diameter > 30 for r in res)
+    assert res[0].recompute(flow_threshold=0.4).diameter == res[0].diameter
+    assert shipped.segment(crop, augment=False, diameter=None).diameter is None
+    # a list of volumes: one estimate per volume
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cpsam_toolkit"):
+        vols = shipped.segment([np.stack([crop] * 2), np.stack([crop[:200, :200]] * 2)],
+                               stitch_threshold=0.3, z_axis=0, augment=False)
+    assert caplog.text.count("diameter=auto") == 2 and all(v.diameter > 30 for v in vols)
 
 
 def test_auto_needs_a_size_model(tiny_model):
@@ -130,9 +140,14 @@ def test_cli_diameter_auto(tmp_path, data_dir):
     tifffile.imwrite(tmp_path / "cells.tif", img[:256, :256])
     out = subprocess.run([sys.executable, "-m", "cpsam_toolkit", "segment", str(tmp_path / "cells.tif"),
                           "--out", str(tmp_path / "out"), "--model", str(SHIPPED_MODEL),
-                          "--diameter", "auto", "--no-augment"], capture_output=True, text=True)
+                          "--diameter", "auto", "--no-augment", "--summary"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "diameter=auto" in out.stdout + out.stderr
+    import csv
+
+    with open(tmp_path / "out" / "summary.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["diameter"]) > 30  # the estimate the image was resized from
     bad = subprocess.run([sys.executable, "-m", "cpsam_toolkit", "segment", str(tmp_path / "cells.tif"),
                           "--out", str(tmp_path / "bad"), "--diameter", "huge"],
                          capture_output=True, text=True)
@@ -163,3 +178,14 @@ def test_blockwise_resolves_auto_once_on_the_centre(shipped, data_dir, tmp_path,
     assert caplog.text.count("diameter=auto") == 1 and "centre" in caplog.text
     whole = shipped.segment(img, augment=False)
     assert res.n_objects > 0 and abs(res.n_objects - whole.n_objects) <= max(3, 0.2 * whole.n_objects)
+
+
+def test_viewer_says_when_the_image_was_resized(shipped, data_dir, tmp_path, one_torch_thread):
+    from cpsam_toolkit.widgets import Viewer
+
+    img, _ = load_pair(data_dir, USI, _val_stems("usiigaci")[0])
+    viewer = Viewer(img[:256, :256], shipped, out_dir=tmp_path, augment=False)
+    assert viewer.result.diameter > 30
+    assert f"resized: {viewer.result.diameter:.0f} px objects to 30 px" in viewer.status.value
+    d = viewer.result.diameter
+    assert viewer.recompute(flow_threshold=0.4).diameter == d  # post-processing only: same resizing

@@ -30,7 +30,8 @@ outputs (in --out):
   <stem>_objects.csv      label, area, centroid, mean_cellprob, flow_error         (--save-table)
   <stem>_seg.npy          masks, outlines, flows, thresholds for the cellpose GUI   (--save-npy)
   <stem>_labels.json      OME-Zarr input: where <image>/labels/<name> was written    (plate.zarr)
-  summary.csv             per image: count, mean area, mean confidence, flow error (--summary)
+  summary.csv             per image: count, mean area, mean confidence, flow error and the
+                          diameter the image was resized from, if any (--summary)
   manifest.jsonl          one line per finished image; reruns skip finished images
   failures.csv            path and reason of each image that failed
 

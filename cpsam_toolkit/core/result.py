@@ -28,6 +28,10 @@ class SegmentationResult:
         Cell-probability logits.
     options : MaskOptions
         The post-processing settings that produced ``masks``.
+    diameter : float or None
+        The object diameter (px) the image was resized from, so that such objects were 30 px
+        for the network (``diameter`` given, or estimated by ``diameter="auto"``); None when
+        the image was not resized.
     """
 
     masks: np.ndarray
@@ -50,6 +54,7 @@ class SegmentationResult:
 
     _stages: dict = field(default_factory=dict, repr=False, compare=False)
     _qc: np.ndarray | None = field(default=None, repr=False, compare=False)
+    diameter: float | None = field(default=None, compare=False)
 
     def select(self, keep: np.ndarray) -> SegmentationResult:
         """A result with only some objects: ``keep`` is one boolean per object (e.g.
@@ -72,7 +77,9 @@ class SegmentationResult:
         opts.validate()
         if self.flows.shape[0] != 2:  # 3D: no staged cache
             return SegmentationResult(
-                masks_from_flows(self.flows, self.cellprob, opts), self.flows, self.cellprob, opts, self.name
+                masks_from_flows(self.flows, self.cellprob, opts), self.flows, self.cellprob, opts, self.name,
+                diameter=self.diameter,
             )
         masks, qc = staged_masks(self.flows, self.cellprob, opts, self._stages)
-        return SegmentationResult(masks, self.flows, self.cellprob, opts, self.name, self._stages, qc)
+        return SegmentationResult(masks, self.flows, self.cellprob, opts, self.name, self._stages, qc,
+                                  diameter=self.diameter)

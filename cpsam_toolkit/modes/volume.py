@@ -868,9 +868,9 @@ def segment_planes(
     if offset <= np.iinfo(np.uint16).max:
         labels = labels.astype(np.uint16)
     opts = VolumeMaskOptions(masks.cellprob_threshold, int(masks.min_size), masks.max_size_fraction,
-                             masks.niter, 0.0, 1.0, 0.0, masks.flow_threshold, inputs.diameter)
+                             masks.niter, 0.0, 1.0, 0.0, masks.flow_threshold, plane_inputs.diameter)
     out = VolumeResult(labels, flows, cellprob, opts, name,
-                       info={"mode": "planes", "class_names": classes})
+                       info={"mode": "planes", "class_names": classes}, diameter=plane_inputs.diameter)
     table = object_table(labels, None, cellprob)
     for k, parts in extra.items():
         table[k] = np.concatenate(parts)
@@ -924,8 +924,9 @@ def segment_3d(model: CellposeSAM, image: Any, **kwargs: Any) -> VolumeResult | 
                 f"{name}: {'do_3d' if do_3d else 'stitching'} needs z_axis= (the axis of the "
                 f"planes; shape {arr.shape})" + (", and channel_axis= for 4-D input" if arr.ndim == 4 else "")
             )
+        own = kwargs  # diameter="auto": resolved for each volume
         if kwargs.get("diameter") == "auto":
-            kwargs = {**kwargs, "diameter": auto_diameter(model, arr, z_axis, kwargs, name)}
+            own = {**kwargs, "diameter": auto_diameter(model, arr, z_axis, kwargs, name)}
         if do_3d:
             if flow_threshold not in (0, 0.4, None):
                 warnings.warn("flow_threshold has no effect in 3D (no flow-error QC)", stacklevel=3)
@@ -937,7 +938,7 @@ def segment_3d(model: CellposeSAM, image: Any, **kwargs: Any) -> VolumeResult | 
                     anisotropy=anisotropy,
                     flow3d_smooth=smooth,
                     name=name,
-                    **kwargs,
+                    **own,
                 )
             )
         else:
@@ -951,9 +952,10 @@ def segment_3d(model: CellposeSAM, image: Any, **kwargs: Any) -> VolumeResult | 
                     z_axis=z_axis,
                     flow_threshold=flow_threshold,
                     name=name,
-                    **kwargs,
+                    **own,
                 )
             )
+        results[-1].diameter = own.get("diameter")
     return results[0] if single else results
 
 

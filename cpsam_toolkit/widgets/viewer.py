@@ -398,6 +398,7 @@ class Viewer(Panel):
         self.status.value = status_html(
             f"cell prob. ≥ {sigmoid(o.cellprob_threshold):.2f} (logit {o.cellprob_threshold:g}), "
             f"flow error ≤ {o.flow_threshold:g}, min size {o.min_size}"
+            + (f" · resized: {d:.0f} px objects to 30 px" if (d := getattr(res, "diameter", None)) else "")
             + (f" · post-processing {pp * 1000:.0f} ms" if pp else ""))
         self._show_settings()
         if self._pending is not None:
