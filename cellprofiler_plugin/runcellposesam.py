@@ -327,8 +327,9 @@ class RunCellposeSAM(ImageSegmentation):
             "Typical object diameter (pixels)", 0.0,
             doc="0 (the default) segments the image as it is: Cellpose-SAM handles a wide range "
                 "of sizes. With 'Use the model's recommended settings?', 0 leaves the size to the "
-                "model: the shipped small model estimates each image's object size and shrinks "
-                "images whose objects are over 30 pixels across (its recommended diameter 'auto'). "
+                "model: the shipped small model estimates each image's object size, shrinks "
+                "images whose objects are over 30 pixels across and enlarges fluorescence images "
+                "(dark background) whose nuclei are smaller (its recommended diameter 'auto'). "
                 "A value resizes the image so objects are about 30 pixels across "
                 "before segmenting (masks come back at the original size). Use it for a model "
                 "trained at one size (its model card says so; e.g. 15 for a panoptic H&E "

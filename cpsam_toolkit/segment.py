@@ -34,7 +34,7 @@ from .core.predictor import Predictor, run_with_oom_fallback
 from .core.predictor import is_oom as _is_oom  # noqa: F401 - former private names
 from .core.predictor import resize_maps as _resize  # noqa: F401
 from .core.result import SegmentationResult
-from .core.size import SizeModel, size_features
+from .core.size import SizeModel, dark_background, size_features
 from .modes.blocks import BlockPlan, choose_blocks, host_memory_budget, segment_in_blocks
 from .modes.panoptic import PanopticResult, is_panoptic, iter_panoptic
 from .modes.planar import iter_planar
@@ -107,6 +107,10 @@ class CellposeSAM(Predictor):
 
         Raises ``ValueError`` for a model without one (e.g. the official weights, which are
         size-invariant: leave ``diameter`` None or give it in pixels)."""
+        return self._size_estimate(image, inputs, name)[0]
+
+    def _size_estimate(self, image: np.ndarray, inputs: InputOptions, name: str) -> tuple[float, bool]:
+        """(median object diameter in px, dark background?) of a 2D image."""
         sm = self.size_model
         if sm is None:
             raise ValueError(
@@ -114,8 +118,9 @@ class CellposeSAM(Predictor):
                 "give the median object diameter in pixels, or None for no resizing "
                 "(Cellpose-SAM's official weights need none)")
         x = self._prepare(image, replace(inputs, diameter=None), name)
-        return sm.predict(size_features(self.net.encoder, x, self.net.cfg.tile, sm.crop,
-                                        self.device, self.dtype))
+        est = sm.predict(size_features(self.net.encoder, x, self.net.cfg.tile, sm.crop,
+                                       self.device, self.dtype))
+        return est, dark_background(x)
 
     def resolve_inputs(
         self, image: np.ndarray, inputs: InputOptions, name: str = "image"
@@ -125,10 +130,10 @@ class CellposeSAM(Predictor):
         inputs are returned unchanged."""
         if inputs.diameter != "auto":
             return inputs
-        est = self.estimate_diameter(image, inputs, name)
-        d = self.size_model.resize_diameter(est)
-        log.info("cpsam: %s: diameter=auto: objects about %.0f px -> %s", name, est,
-                 f"resized by {30.0 / d:.2f}" if d else "not resized")
+        est, dark = self._size_estimate(image, inputs, name)
+        d = self.size_model.resize_diameter(est, dark)
+        log.info("cpsam: %s: diameter=auto: objects about %.0f px%s -> %s", name, est,
+                 " (dark background)" if dark else "", f"resized by {30.0 / d:.2f}" if d else "not resized")
         return replace(inputs, diameter=d)
 
     def __repr__(self) -> str:

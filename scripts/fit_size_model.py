@@ -54,7 +54,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--split", type=Path, default=ROOT / "cpsam_toolkit" / "models" / "shipped_split_v2.json")
     ap.add_argument("--target", type=float, default=30.0, help="object diameter (px) to resize to")
-    ap.add_argument("--grow", action="store_true", help="also enlarge small objects (default: only shrink)")
+    ap.add_argument("--grow", choices=("never", "dark_background", "always"), default="dark_background",
+                    help="when small objects are enlarged to the target (default: on images with a "
+                         "dark background, e.g. fluorescence; large ones are always shrunk)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit", type=int, default=None, help="at most N training images per set (dry runs)")
     ap.add_argument("--write", action="store_true", help="store the size model in the model file")
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
         cv[alpha] = float(np.median(errs))
     alpha = min(cv, key=cv.get)
     print("cross-validated median |log error| per penalty:", json.dumps(cv), "->", alpha)
-    sm = fit_size_model(x, y, alpha, target=args.target, shrink_only=not args.grow)
+    sm = fit_size_model(x, y, alpha, target=args.target, grow=args.grow)
 
     rows = []
     for g, items in val_images(args.data, args.split, args.limit).items():

@@ -7,13 +7,14 @@ import logging
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from conftest import ROOT, SHIPPED_MODEL, load_pair
 
 from cpsam_toolkit import load_model
-from cpsam_toolkit.core.size import SizeModel, fit_size_model
+from cpsam_toolkit.core.size import SizeModel, dark_background, fit_size_model
 from cpsam_toolkit.metrics import average_precision
 from cpsam_toolkit.settings import Settings
 
@@ -41,7 +42,7 @@ def test_shipped_model_recommends_auto_and_carries_a_size_model(shipped):
     assert s.diameter == "auto" and s.sources["diameter"] == "model"
     assert "diameter=auto (model)" in s.describe()
     sm = shipped.size_model
-    assert isinstance(sm, SizeModel) and sm.shrink_only and sm.target == 30.0
+    assert isinstance(sm, SizeModel) and sm.grow == "dark_background" and sm.target == 30.0
     assert SizeModel.from_dict(sm.to_dict()).to_dict() == sm.to_dict()
 
 
@@ -57,7 +58,12 @@ def test_estimates_the_size_of_unseen_cells_and_small_nuclei(shipped, data_dir, 
     small = next(s for s in _val_stems("dsb2018") if _median_diameter(load_pair(data_dir, DSB, s)[1]) < 20)
     img, gt = load_pair(data_dir, DSB, small)
     est = shipped.estimate_diameter(img)
-    assert est < 30 and shipped.size_model.resize_diameter(est) is None  # small: never enlarged
+    assert est < 30
+    # small fluorescence nuclei (dark background) are enlarged to ~30 px, small nuclei in
+    # tissue or on a bright background are not
+    assert dark_background(img) and shipped.size_model.resize_diameter(est, dark=True) == pytest.approx(
+        max(est, 6.0))
+    assert shipped.size_model.resize_diameter(est, dark=False) is None
 
 
 def test_auto_finds_more_phase_contrast_cells_than_no_resizing(shipped, data_dir, one_torch_thread, caplog):
@@ -126,11 +132,38 @@ def test_size_model_resizing_rule_and_fit():
     d = np.exp(1.0 + x @ np.array([0.5, -0.2, 0.0, 0.1]))
     sm = fit_size_model(x, d, alpha=0.01)
     assert abs(np.log(sm.predict(x[0]) / d[0])) < 1e-3
-    assert sm.resize_diameter(20.0) is None and sm.resize_diameter(60.0) == pytest.approx(60.0)
-    grow = SizeModel(sm.mean, sm.scale, sm.coef, sm.intercept, target=30.0, shrink_only=False)
+    assert sm.grow == "never"
+    assert sm.resize_diameter(20.0, dark=True) is None and sm.resize_diameter(60.0) == pytest.approx(60.0)
+    grow = replace(sm, grow="always")
     assert grow.resize_diameter(15.0) == pytest.approx(15.0)
+    assert grow.resize_diameter(2.0) == pytest.approx(6.0)  # at most 5x enlarged (max_scale)
+    dark = replace(sm, grow="dark_background")
+    assert dark.resize_diameter(15.0, dark=True) == pytest.approx(15.0)
+    assert dark.resize_diameter(15.0, dark=False) is None
+    assert dark.resize_diameter(45.0, dark=False) == pytest.approx(45.0)  # large: always shrunk
+    assert SizeModel.from_dict(dark.to_dict()).grow == "dark_background"
+    old = {k: v for k, v in sm.to_dict().items() if k not in ("grow", "max_scale")}  # session-9 files
+    assert SizeModel.from_dict({**old, "shrink_only": True}).grow == "never"
+    assert SizeModel.from_dict({**old, "shrink_only": False}).grow == "always"
     with pytest.raises(ValueError, match="unknown size model kind"):
         SizeModel.from_dict({"kind": "other"})
+    with pytest.raises(ValueError, match="grow must be one of"):
+        replace(sm, grow="sometimes")
+
+
+def test_dark_background_tells_fluorescence_from_brightfield_phase_and_tissue(data_dir):
+    from importlib.resources import files
+
+    import tifffile
+
+    examples = files("cpsam_toolkit") / "examples"
+    kinds = {n: dark_background(tifffile.imread(examples / f"{n}_img.tif"))
+             for n in ("nuclei_fluorescence", "nuclei_histology", "nuclei_he", "cells_phase_contrast")}
+    assert kinds == {"nuclei_fluorescence": True, "nuclei_histology": False, "nuclei_he": False,
+                     "cells_phase_contrast": False}
+    img = tifffile.imread(examples / "nuclei_fluorescence_img.tif")
+    assert dark_background(img.astype(np.float32) / 255) and not dark_background(255 - img)  # any scale
+    assert not dark_background(np.zeros((64, 64), np.uint8))  # blank: no background to judge
 
 
 def test_cli_diameter_auto(tmp_path, data_dir):
