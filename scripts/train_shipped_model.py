@@ -281,7 +281,9 @@ unchanged (0.235, 0.049), and the one-channel nuclei counts within tolerance 30/
 cost is network time: the DSB validation images took 2.7x as long (310 s against 115 s), since
 a 4x enlarged image has 16x the tiles. Give `diameter` in pixels (or None) to choose the scale
 yourself. On the bundled fluorescence example (nuclei about 26 px, enlarged 1.15x) it matched 63
-of 67 nuclei instead of 64. Models fitted before carry `shrink_only` and read as `grow="never"`.
+of 67 nuclei instead of 64. Models fitted before carry `shrink_only` and read as `grow="never"`. Volumes are resized once, from their middle plane; `--blockwise` images once, from their
+centre. The official `cpsam` weights are size-invariant and carry no size model: for them
+`diameter="auto"` is an error that says to give pixels or nothing.
 
 The bundled examples (`make segment`, the stored settings; annotated objects matched at IoU 0.5,
 counted with `cpsam_toolkit.metrics.average_precision`):
@@ -291,10 +293,7 @@ counted with `cpsam_toolkit.metrics.average_precision`):
 | `nuclei_fluorescence` (DSB) | 64 of 67 | 63 of 67 |
 | `nuclei_histology` (DSB tissue) | 22 of 98 | 22 of 98 |
 | `cells_phase_contrast` (Usiigaci) | 6 of 26 | 10 of 26 |
-| `nuclei_he` (CoNSeP H&E) | 5 of 26 | 5 of 26 | Volumes are
-resized once, from their middle plane; `--blockwise` images once, from their centre. The official
-`cpsam` weights are size-invariant and carry no size model: for them `diameter="auto"` is an
-error that says to give pixels or nothing.
+| `nuclei_he` (CoNSeP H&E) | 5 of 26 | 5 of 26 |
 
 ## The CPU path: what buys validation AP per CPU-hour (sessions 6-9)
 

@@ -164,8 +164,9 @@ def test_headless_run_exports_one_row_per_image(unsplit_run, work):
         assert r["CellposeSAM_Model_Nuclei"]
         assert "sha256" in r["CellposeSAM_ModelVersion_Nuclei"]
         assert r["CellposeSAM_BlockSize_Nuclei"] == "0"  # 256 x 256: segmented whole
-        d = float(r["CellposeSAM_Diameter_Nuclei"])  # 0: not resized, else the size resized from
-        assert d == 0 or d > 30
+        # the stand-in grid model has no size model and no diameter is set: never resized
+        # (the shipped model's estimates: test_cellprofiler_plugin's diameter measurement test)
+        assert float(r["CellposeSAM_Diameter_Nuclei"]) == 0
     # object rows match the counts, numbered 1..N per image
     per_image: dict[str, list[dict]] = {}
     for r in objects:
